@@ -1,0 +1,93 @@
+"""Architecture specs: everything evoreap knows about one MoE family, as data.
+
+This module and :mod:`evoreap.adapters.routing` are the only places that know architectures. Adding a family that
+follows a known router kind and the transformers 5.x fused-experts layout means adding one :class:`ArchSpec` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Router kinds (the maths lives in routing.py):
+#   softmax_topk  softmax over all experts -> top-k -> renormalise if `norm_topk_prob` (Qwen2/3-MoE, OLMoE, Mixtral)
+#   sigmoid_group sigmoid scores; choice on scores + e_score_correction_bias, group-limited (n_group, topk_group);
+#                 weights are the unbiased scores, renormalised if norm_topk_prob, times routed_scaling_factor
+#                 (DeepSeek-V3, GLM-4.5)
+#   topk_softmax  logits + router bias -> top-k -> softmax over the k chosen logits (GPT-OSS)
+ROUTER_KINDS = ("softmax_topk", "sigmoid_group", "topk_softmax")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one MoE architecture is laid out.
+
+    Attributes:
+        name: human name, e.g. ``"Qwen3-MoE"``.
+        model_types: ``config.model_type`` values this spec serves.
+        router_kind: one of :data:`ROUTER_KINDS`.
+        router_attr: router attribute on the MoE block (``gate`` or ``router``).
+        experts_attr: fused experts attribute on the MoE block.
+        shared_attrs: shared-expert modules on the block (never pruned).
+        num_experts_key: config key of the routed-expert count.
+        top_k_key: config key of the experts chosen per token.
+        expert_width_key: config key of the expert intermediate size.
+        always_renormalise: the router renormalises the top-k weights whatever ``norm_topk_prob`` says (Mixtral).
+        dense_rule: how the config says which decoder layers are dense: ``"none"`` (all MoE),
+            ``"first_k_dense_replace"``, or ``"sparse_step"`` (``decoder_sparse_step`` + ``mlp_only_layers``).
+        disk_block: the MoE block's name in checkpoint keys (Mixtral checkpoints keep ``block_sparse_moe``).
+        disk_expert_names: per-expert tensor names in checkpoints that store one tensor per expert, in the
+            order gate, up, down; empty when the checkpoint stores fused experts (GPT-OSS).
+        expert_bias: experts carry biases on both projections (GPT-OSS).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    router_kind: str
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    shared_attrs: tuple[str, ...] = ()
+    num_experts_key: str = "num_local_experts"
+    top_k_key: str = "num_experts_per_tok"
+    expert_width_key: str = "moe_intermediate_size"
+    always_renormalise: bool = False
+    dense_rule: str = "none"
+    disk_block: str = "mlp"
+    disk_expert_names: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    expert_bias: bool = False
+
+    def moe_layer_indices(self, config: Any) -> list[int]:
+        """Decoder layers whose MLP is a routed MoE block, from the config alone (no weights needed)."""
+        n = config.num_hidden_layers
+        if self.dense_rule == "first_k_dense_replace":
+            return [i for i in range(n) if i >= getattr(config, "first_k_dense_replace", 0)]
+        if self.dense_rule == "sparse_step":
+            step = getattr(config, "decoder_sparse_step", 1) or 1
+            dense = set(getattr(config, "mlp_only_layers", None) or [])
+            return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+        return list(range(n))
+
+    def num_experts(self, config: Any) -> int:
+        return int(getattr(config, self.num_experts_key))
+
+    def top_k(self, config: Any) -> int:
+        return int(getattr(config, self.top_k_key))
+
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec("Qwen3-MoE", ("qwen3_moe",), "softmax_topk", dense_rule="sparse_step"),
+    ArchSpec("Qwen2-MoE", ("qwen2_moe",), "softmax_topk", shared_attrs=("shared_expert", "shared_expert_gate"),
+             num_experts_key="num_experts",
+             dense_rule="sparse_step"),
+    ArchSpec("Mixtral", ("mixtral",), "softmax_topk", expert_width_key="intermediate_size", always_renormalise=True,
+             disk_block="block_sparse_moe", disk_expert_names=("w1.weight", "w3.weight", "w2.weight")),
+    ArchSpec("OLMoE", ("olmoe",), "softmax_topk", expert_width_key="intermediate_size"),
+    ArchSpec("DeepSeek-V3", ("deepseek_v3",), "sigmoid_group", shared_attrs=("shared_experts",),
+             dense_rule="first_k_dense_replace"),
+    ArchSpec("GLM-4.5-MoE", ("glm4_moe",), "sigmoid_group", shared_attrs=("shared_experts",),
+             dense_rule="first_k_dense_replace"),
+    ArchSpec("GPT-OSS", ("gpt_oss",), "topk_softmax", router_attr="router", expert_width_key="intermediate_size",
+             disk_expert_names=(), expert_bias=True),
+)
+
+BY_MODEL_TYPE: dict[str, ArchSpec] = {t: s for s in SPECS for t in s.model_types}
