@@ -1,0 +1,122 @@
+"""The ``evoreap`` command line: one sub-command per module in :mod:`evoreap.commands`.
+
+Usage errors exit 2 and runtime errors exit 1, each with one line that says what was wrong and what to do; ``-v``
+adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from evoreap import __version__
+from evoreap.errors import EvoreapError
+
+# Sub-command modules, in the order `evoreap --help` lists them. Each defines NAME, HELP, EXAMPLE,
+# add_arguments(parser) and run(args) -> int.
+COMMANDS = ("inspect", "observe", "search", "export", "evaluate", "plot")
+
+EXAMPLE = """examples:
+  evoreap inspect                         # the bundled demo MoE
+  evoreap search --budget 0.5             # search a 50%-expert allocation for the demo
+  evoreap observe --model ./Qwen3-30B-A3B --data demo --tokens 200000
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the examples' line breaks."""
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log through tqdm.write so log lines and progress bars do not overwrite each other."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # never let logging kill the command
+            self.handleError(record)
+
+
+def _available_commands() -> list:
+    mods = []
+    for name in COMMANDS:
+        try:
+            mods.append(importlib.import_module(f"evoreap.commands.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"evoreap.commands.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evoreap", formatter_class=HelpFormatter, epilog=EXAMPLE,
+        description="Prune the experts of Mixture-of-Experts LLMs; search how many experts each layer keeps.")
+    parser.add_argument("--version", action="version", version=f"evoreap {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -v also shows tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _available_commands():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP, epilog=f"example:\n  {mod.EXAMPLE}",
+                           formatter_class=HelpFormatter)
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more logging; -v also shows tracebacks")
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("evoreap")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("transformers", "datasets", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING if verbose else optuna.logging.ERROR)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args._run(args) or 0)
+    except EvoreapError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"evoreap {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"evoreap {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure still gets one line without -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"evoreap {args.command}: unexpected error: {type(e).__name__}: {e} (re-run with -v for the "
+              "traceback and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``evoreap`` CLI (one module each)."""

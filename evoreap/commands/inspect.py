@@ -1,0 +1,115 @@
+"""``evoreap inspect``: the MoE structure and parameter budget of a model, read from its config (no weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.commands.common import add_model_arguments
+from evoreap.models import load_config, resolve_model
+
+NAME = "inspect"
+HELP = "show a model's MoE layers, experts, routing and parameter counts"
+EXAMPLE = "evoreap inspect ./Qwen3-30B-A3B --json"
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I32": 4,
+                "I64": 8}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, positional=True)
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def stored_bytes(path: str) -> tuple[int, dict[str, int]] | None:
+    """Bytes of all tensors in a local directory's safetensors files (read from their headers) and bytes by dtype."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    total, by_dtype = 0, {}
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            size = meta["data_offsets"][1] - meta["data_offsets"][0]
+            total += size
+            by_dtype[meta["dtype"]] = by_dtype.get(meta["dtype"], 0) + size
+    return total, by_dtype
+
+
+def describe(name: str | None, trust_remote_code: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    adapter = MoEAdapter(config)
+    with torch.device("meta"):  # shapes only: inspecting a 1 TB model costs nothing
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    layers = adapter.layers(model)
+    params = adapter.param_summary(model)
+    info = {
+        "model": path,
+        "architecture": adapter.name,
+        "model_type": config.model_type,
+        "decoder_layers": config.num_hidden_layers,
+        "moe_layers": [layer.index for layer in layers],
+        "experts_per_layer": {str(layer.index): layer.num_experts for layer in layers},
+        "top_k": adapter.top_k,
+        "router": adapter.router_description,
+        "shared_experts": list(adapter.spec.shared_attrs),
+        "params": params,
+    }
+    disk = stored_bytes(path)
+    if disk is not None:
+        info["stored_bytes"], info["stored_bytes_by_dtype"] = disk
+    else:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        size = torch.empty((), dtype=getattr(torch, str(dtype).replace("torch.", ""))).element_size()
+        info["stored_bytes"] = params["total"] * size
+    return info
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.model, args.trust_remote_code)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    p = info["params"]
+    counts = sorted(set(info["experts_per_layer"].values()))
+    experts = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (non-uniform)"
+    moe = info["moe_layers"]
+    dense = info["decoder_layers"] - len(moe)
+    rows = [
+        ("model", info["model"]),
+        ("architecture", f"{info['architecture']} ({info['model_type']})"),
+        ("layers", f"{info['decoder_layers']} decoder layers, {len(moe)} MoE ({moe[0]}..{moe[-1]}), {dense} dense"),
+        ("experts per layer", experts),
+        ("top-k", str(info["top_k"])),
+        ("router", info["router"]),
+        ("shared experts", ", ".join(info["shared_experts"]) or "none"),
+        ("params per expert", f"{p['per_expert']:,}"),
+        ("params total", f"{p['total']:,} ({_fmt(p['total'])})"),
+        ("routed experts", f"{p['routed_experts']:,} ({100 * p['routed_experts'] / p['total']:.1f}% of total)"),
+        ("shared experts params", f"{p['shared_experts']:,}"),
+        ("active per token", f"{p['active_per_token']:,} ({_fmt(p['active_per_token'])})"),
+        ("stored size", f"{info['stored_bytes']:,} bytes ({_fmt(info['stored_bytes'])}B)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,44 @@
+"""Virtual pruning: make experts unreachable by masking the router, without touching any weight.
+
+Inside ``with masked(model, adapter, masks):`` every router of a masked layer routes as if its cut experts had been
+deleted: they are never chosen and take no part in any normalisation (softmax, top-k renormalisation, sigmoid
+group scores). On exit the hooks are removed and the model is exactly as before, also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from evoreap.adapters import MoEAdapter, MoELayer
+
+
+def _router_hook(adapter: MoEAdapter, layer: MoELayer, keep: torch.Tensor):
+    def hook(module, args, output):
+        # Recompute the routing with the cut experts excluded; the stock output is discarded.
+        return adapter.route(layer, args[0], keep)
+
+    return hook
+
+
+@contextmanager
+def masked(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Route ``model`` with only the experts in ``masks[layer]`` (bool ``[E]``) reachable; other layers untouched."""
+    by_index = {layer.index: layer for layer in adapter.layers(model)}
+    unknown = sorted(set(masks) - set(by_index))
+    if unknown:
+        raise ValueError(f"layers {unknown} are not MoE layers of this model ({sorted(by_index)})")
+    handles = []
+    try:
+        for index, keep in masks.items():
+            layer = by_index[index]
+            keep = keep.to(device=layer.router.weight.device, dtype=torch.bool)
+            if int(keep.sum()) < layer.top_k:
+                raise ValueError(f"layer {index} keeps {int(keep.sum())} experts, fewer than top-k {layer.top_k}")
+            handles.append(layer.router.register_forward_hook(_router_hook(adapter, layer, keep)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,101 @@
+"""Loading models and tokenizers: a local directory, a hub id where a hub is reachable, or the bundled demo."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.errors import EvoreapError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    path: str
+    adapter: MoEAdapter
+
+
+def resolve_model(name: str | None) -> str:
+    """``None`` means the bundled demo; a path must exist; anything else is treated as a hub id."""
+    if name is None:
+        if not (DEMO_MODEL_DIR / "config.json").exists():
+            raise EvoreapError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; reinstall evoreap or "
+                               "rebuild it with: python -m evoreap.demo.train")
+        return str(DEMO_MODEL_DIR)
+    p = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or p.exists() or name.count("/") != 1
+    if looks_like_path:
+        if not p.is_dir():
+            raise UsageError(f"model path {name} does not exist or is not a directory; pass a local model "
+                             "directory (with config.json) or a hub id like Qwen/Qwen3-30B-A3B")
+        if not (p / "config.json").is_file():
+            raise UsageError(f"model directory {name} has no config.json; pass the directory that "
+                             "save_pretrained wrote")
+        return str(p.resolve())
+    return name
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
+
+
+def load_config(name: str | None, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UsageError(f"{path} needs custom code to load; evoreap refuses to run code from a model "
+                             "directory unless you pass --trust-remote-code (read that code first)") from None
+        raise EvoreapError(f"cannot read the config of {path}: {e}") from None
+    except OSError as e:
+        raise EvoreapError(f"cannot read the config of {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(name: str | None, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise EvoreapError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(name: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a supported MoE causal LM in eval mode, its tokenizer and its adapter (unsupported models fail before
+    any weight is read)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    adapter = MoEAdapter(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvoreapError(f"cannot load the weights of {path}: {first}; check that the safetensors files are "
+                           "complete and match config.json") from None
+    model.to(device).eval()
+    log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
+             len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)
+    return LoadedModel(model, load_tokenizer(path, trust_remote_code=trust_remote_code), path, adapter)
