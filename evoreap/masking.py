@@ -23,6 +23,20 @@ def _router_hook(adapter: MoEAdapter, layer: MoELayer, keep: torch.Tensor):
     return hook
 
 
+def _check_groups(layer: MoELayer, keep: torch.Tensor) -> None:
+    """Group-limited routers (n_group > 1): only the same count in every group matches a model that can be exported
+    (its contiguous groups re-form after deletion); each group needs two survivors for its group score, and the
+    ``topk_group`` chosen groups must hold top-k survivors, or a cut expert would be chosen."""
+    groups = int(getattr(layer.router, "num_group", 1) or 1)
+    if groups <= 1:
+        return
+    per_group = keep.view(groups, -1).sum(dim=1).tolist()
+    if len(set(per_group)) > 1 or per_group[0] < 2 or per_group[0] * layer.router.topk_group < layer.top_k:
+        raise ValueError(f"layer {layer.index} keeps {per_group} experts in its {groups} routing groups; "
+                         f"group-limited routing needs the same count (>= 2, and >= top-k {layer.top_k} over "
+                         f"topk_group={layer.router.topk_group} groups) in every group; use allocation.select_experts")
+
+
 @contextmanager
 def masked(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.Tensor]) -> Iterator[None]:
     """Route ``model`` with only the experts in ``masks[layer]`` (bool ``[E]``) reachable; other layers untouched."""
@@ -37,6 +51,7 @@ def masked(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.T
             keep = keep.to(device=layer.router.weight.device, dtype=torch.bool)
             if int(keep.sum()) < layer.top_k:
                 raise ValueError(f"layer {index} keeps {int(keep.sum())} experts, fewer than top-k {layer.top_k}")
+            _check_groups(layer, keep)
             handles.append(layer.router.register_forward_hook(_router_hook(adapter, layer, keep)))
         yield
     finally:

@@ -1,0 +1,133 @@
+"""Scoring a candidate: one masked forward pass per batch, every requested proxy from the same log-probs.
+
+Fidelity control for racing: :func:`token_order` is a fixed, seeded, domain-stratified permutation of the rows;
+``evaluate(..., order=order, n_tokens=n)`` scores the shortest prefix of it that covers ``n`` scored tokens, so a
+larger ``n`` with the same order scores a superset (paired comparisons across stages). Fresh minibatches are a
+different seed's order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.data import TokenData
+from evoreap.errors import UsageError
+from evoreap.masking import masked
+from evoreap.proxies.registry import ProxyInputs, get_proxy
+from evoreap.reference import Reference, model_device, next_token_logprobs, scored_positions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProxyResult:
+    """Proxy values of one candidate.
+
+    Attributes:
+        values: proxy -> token-weighted mean over all scored tokens.
+        per_domain: domain -> {proxy -> mean over that domain's scored tokens} (domains with no scored token in
+            the evaluated rows are absent).
+        tokens: scored tokens (positions whose token and next token are both real).
+        domain_tokens: domain -> scored tokens.
+    """
+
+    values: dict[str, float]
+    per_domain: dict[str, dict[str, float]]
+    tokens: int
+    domain_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def token_order(data: TokenData, seed: int = 0) -> torch.Tensor:
+    """A seeded permutation of row indices, stratified by domain: every prefix holds each domain in about its share
+    of the rows, so a small token budget still sees all domains."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(data)
+    perm = torch.randperm(n, generator=g)
+    jitter = torch.rand(n, generator=g, dtype=torch.float64)
+    key = torch.empty(n, dtype=torch.float64)
+    domain_of = data.domain_ids[perm]
+    for d in domain_of.unique():
+        rows = perm[domain_of == d]  # this domain's rows in shuffled order
+        key[rows] = (torch.arange(len(rows), dtype=torch.float64) + jitter[rows]) / len(rows)
+    return torch.argsort(key, stable=True)
+
+
+def select_sequences(data: TokenData, order: torch.Tensor | None = None, n_tokens: int | None = None
+                     ) -> torch.Tensor:
+    """Rows to score: the shortest prefix of ``order`` (default: row order) with at least ``n_tokens`` scored
+    tokens, or all of it."""
+    order = torch.arange(len(data)) if order is None else torch.as_tensor(order, dtype=torch.long)
+    if order.numel() and (order.min() < 0 or order.max() >= len(data)):
+        raise UsageError(f"token order holds row indices outside 0..{len(data) - 1}; was it made for other data?")
+    if n_tokens is None:
+        return order
+    if n_tokens <= 0:
+        raise UsageError(f"n_tokens must be positive, got {n_tokens}")
+    cum = scored_positions(data.attention_mask)[order].sum(dim=1).cumsum(0)
+    if cum.numel() == 0 or int(cum[-1]) < n_tokens:
+        log.warning("asked for %d tokens but the data has only %d scored tokens; using all of it", n_tokens,
+                    int(cum[-1]) if cum.numel() else 0)
+        return order
+    return order[: int(torch.searchsorted(cum, n_tokens)) + 1]
+
+
+def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.Tensor] | None, data: TokenData,
+             *, proxies: Sequence[str] = ("kl",), reference: Reference | None = None,
+             order: torch.Tensor | None = None, n_tokens: int | None = None, batch_size: int = 8,
+             progress: bool = False) -> ProxyResult:
+    """Score the model with only ``masks``' experts reachable (None: unpruned) on the rows chosen by ``order`` and
+    ``n_tokens``; every proxy in ``proxies`` comes from the same forward pass.
+
+    ``reference`` must come from :func:`evoreap.reference.build_reference` on this model and these ``data``
+    (checked) when a proxy needs one (kl, esap).
+    """
+    if isinstance(proxies, str):
+        proxies = (proxies,)
+    specs = [get_proxy(name) for name in dict.fromkeys(proxies)]
+    if not specs:
+        raise UsageError("no proxy requested; name at least one of nll, kl, esap")
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    needs_ref = [s.name for s in specs if s.needs_reference]
+    if needs_ref:
+        if reference is None:
+            raise UsageError(f"proxy {', '.join(needs_ref)} compares against the unpruned model and needs its "
+                             "reference distributions: pass reference=reference_cached(model, data, top_k=...)")
+        reference.check(model=model, data=data)
+    rows = select_sequences(data, order, n_tokens)
+    device = model_device(model)
+    n_domains = len(data.domains)
+    sums = {s.name: torch.zeros(n_domains, dtype=torch.float64) for s in specs}
+    counts = torch.zeros(n_domains, dtype=torch.float64)
+
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode(), masked(model, adapter, masks or {}):
+        for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch", disable=not progress):
+            index = rows[start:start + batch_size]
+            ids, mask = data.input_ids[index], data.attention_mask[index]
+            domains = data.domain_ids[index].to(device)
+            valid_all = scored_positions(mask).to(device)
+            targets_all = ids[:, 1:].to(device, torch.long)
+            ref_all = reference.rows(index, device) if needs_ref else None
+            counts.index_add_(0, domains.cpu(), valid_all.sum(1).double().cpu())
+            for s, e, logp in next_token_logprobs(model, ids, mask):
+                chunk = ProxyInputs(logp, targets_all[:, s:e], valid_all[:, s:e],
+                                    {k: v[:, s:e] for k, v in ref_all.items()} if ref_all is not None else None)
+                for spec in specs:
+                    values = spec.fn(chunk)
+                    per_row = torch.where(chunk.valid, values, torch.zeros_like(values)).double().sum(1)
+                    sums[spec.name].index_add_(0, domains.cpu(), per_row.cpu())
+    total = int(counts.sum())
+    if total == 0:
+        raise UsageError("the selected rows hold no scored token (every row is padding or a single token)")
+    values = {name: float(v.sum() / counts.sum()) for name, v in sums.items()}
+    per_domain = {data.domains[d]: {name: float(v[d] / counts[d]) for name, v in sums.items()}
+                  for d in range(n_domains) if counts[d] > 0}
+    domain_tokens = {data.domains[d]: int(counts[d]) for d in range(n_domains) if counts[d] > 0}
+    return ProxyResult(values, per_domain, total, domain_tokens)

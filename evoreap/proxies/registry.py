@@ -1,0 +1,123 @@
+"""The proxy registry: a proxy turns one chunk of teacher-forced positions into one value per position.
+
+A proxy is a function ``fn(inputs: ProxyInputs) -> Tensor [B, T]``; :func:`evoreap.proxies.evaluate` averages it
+over the valid positions, per domain and overall. Register new ones with::
+
+    @register_proxy("top1", higher_is_better=True, needs_reference=True)
+    def top1(inputs):
+        return (inputs.logprobs.argmax(-1) == inputs.ref["topk_ids"][..., 0]).float()
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from evoreap.errors import UsageError
+from evoreap.reference import LOG_FLOOR, tail_logmass
+
+
+@dataclass(frozen=True, eq=False)
+class ProxyInputs:
+    """One chunk of positions of one batch.
+
+    Attributes:
+        logprobs: ``[B, T, V]`` float32 log-probs of the candidate (the model under evaluation).
+        targets: ``[B, T]`` int64 actual next tokens.
+        valid: ``[B, T]`` bool; values at invalid positions are ignored (they may be anything, even NaN).
+        ref: the reference rows for these positions (``topk_logprobs``, ``topk_ids``, ``tail_logmass``,
+            ``target_logprob``, ``valid``), or None when no proxy asked for one.
+    """
+
+    logprobs: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+    ref: dict[str, torch.Tensor] | None = None
+
+    @cached_property
+    def coarse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reference and candidate on the reference's (K+1)-bucket partition: ``(log p [B,T,K], log p_tail [B,T],
+        log q [B,T,K], log q_tail [B,T])``; computed once per chunk and shared by kl and esap."""
+        if self.ref is None:
+            raise ValueError("this proxy needs reference distributions")
+        ids = self.ref["topk_ids"].long()
+        q = self.logprobs.gather(-1, ids)
+        return self.ref["topk_logprobs"].float(), self.ref["tail_logmass"].float(), q, tail_logmass(self.logprobs, ids)
+
+
+ProxyFn = Callable[[ProxyInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """A registered proxy. ``ideal`` is the value of a perfect candidate where one exists (esap: 1)."""
+
+    name: str
+    fn: ProxyFn
+    higher_is_better: bool
+    needs_reference: bool
+    ideal: float | None = None
+    description: str = ""
+
+    def loss(self, value: float) -> float:
+        """The value turned into a loss, lower is better: ``ideal - value`` or ``-value`` when higher is better."""
+        if not self.higher_is_better:
+            return value
+        return (self.ideal - value) if self.ideal is not None else -value
+
+
+PROXIES: dict[str, Proxy] = {}
+
+
+def register_proxy(name: str, *, higher_is_better: bool, needs_reference: bool, ideal: float | None = None,
+                   description: str = "") -> Callable[[ProxyFn], ProxyFn]:
+    """Decorator adding ``fn`` to the registry under ``name`` (a second registration under a name replaces it)."""
+
+    def add(fn: ProxyFn) -> ProxyFn:
+        doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        PROXIES[name] = Proxy(name, fn, higher_is_better, needs_reference, ideal, doc)
+        return fn
+
+    return add
+
+
+def get_proxy(name: str) -> Proxy:
+    try:
+        return PROXIES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PROXIES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"unknown proxy {name!r}; {hint}known proxies: {', '.join(sorted(PROXIES))}") from None
+
+
+def _xlogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """p * (log p - log q), 0 where p underflows to 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+
+
+@register_proxy("nll", higher_is_better=False, needs_reference=False)
+def nll(inputs: ProxyInputs) -> torch.Tensor:
+    """Next-token negative log-likelihood of the candidate (nats per token)."""
+    return -inputs.logprobs.gather(-1, inputs.targets[..., None]).squeeze(-1)
+
+
+@register_proxy("kl", higher_is_better=False, needs_reference=True)
+def kl(inputs: ProxyInputs) -> torch.Tensor:
+    """KL(unpruned || candidate) per token over the reference's top-K ids plus one tail bucket (nats)."""
+    lp, lpt, lq, lqt = inputs.coarse
+    return _xlogratio(lp, lq).sum(-1) + _xlogratio(lpt, lqt)
+
+
+@register_proxy("esap", higher_is_better=True, needs_reference=True, ideal=1.0)
+def esap(inputs: ProxyInputs) -> torch.Tensor:
+    """Expected speculative acceptance, sum_x min(p, q) = 1 - total variation, over top-K ids plus the tail."""
+    lp, lpt, lq, lqt = inputs.coarse
+    return torch.minimum(lp, lq).exp().sum(-1) + torch.minimum(lpt, lqt).exp()
+
+
+__all__ = ["LOG_FLOOR", "PROXIES", "Proxy", "ProxyInputs", "get_proxy", "register_proxy"]

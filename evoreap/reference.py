@@ -1,0 +1,299 @@
+"""The unpruned model's next-token distributions, computed once and cached on disk.
+
+Full-vocabulary logits do not fit anywhere for real models (64 x 4096 tokens x 152k vocab is ~80 GB in fp32), so
+a :class:`Reference` keeps, per scored position, only the top-K log-probabilities with their token ids, the log of
+the probability mass outside them (the *tail*), the log-probability of the actual next token and a validity flag.
+The proxies in :mod:`evoreap.proxies` compare a candidate against this coarsened distribution.
+
+Position ``t`` of a row scores the prediction of token ``t + 1`` from tokens ``0..t`` (teacher forcing); it is
+valid when both tokens are real (attention mask 1). Rows follow the row order of the :class:`TokenData` it was
+built from, which its fingerprint pins down.
+
+Cache layout: ``<cache root>/reference/<key>/{reference.safetensors, manifest.json}`` where the cache root is
+``$EVOREAP_CACHE`` or ``~/.cache/evoreap`` and ``key`` hashes the model fingerprint, the data fingerprint and K.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.allocation import write_json_atomic
+from evoreap.data import TokenData
+from evoreap.errors import EvoreapError, UsageError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "evoreap-reference"
+VERSION = 1
+# Floor for log-masses: keeps 0 * (log p - log q) at 0 instead of NaN when a mass underflows (exp(-1e4) == 0).
+LOG_FLOOR = -1e4
+# Upper bound on one float32 log-prob chunk [B, positions, V], so a 150k vocabulary needs no full-logit copy.
+_CHUNK_ELEMENTS = 1 << 26
+_TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "valid")
+# Config keys that say where or when a model was loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset",
+                         "_experts_implementation", "_attn_implementation")
+
+
+# -- fingerprints -----------------------------------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return str(t.dtype).encode() + str(tuple(t.shape)).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's config (minus load-location keys) and of every router's weights and biases.
+
+    Cached per model object and recomputed when a router tensor is modified in place (tensor version counter),
+    so calling it once per candidate evaluation is free.
+    """
+    tensors = []
+    for layer in MoEAdapter.for_model(model).layers(model):
+        for name in ("weight", "bias", "e_score_correction_bias"):
+            t = getattr(layer.router, name, None)
+            if isinstance(t, torch.Tensor):
+                tensors.append(t)
+    versions = tuple((t.data_ptr(), t._version) for t in tensors)
+    hit = _FINGERPRINTS.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for t in tensors:
+        h.update(_tensor_bytes(t))
+    digest = h.hexdigest()
+    _FINGERPRINTS[model] = (versions, digest)
+    return digest
+
+
+def data_fingerprint(data: TokenData) -> str:
+    """sha256 of exactly the token ids and attention mask, in row order."""
+    h = hashlib.sha256()
+    h.update(_tensor_bytes(data.input_ids.to(torch.int64)))
+    h.update(_tensor_bytes(data.attention_mask.to(torch.bool)))
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """``$EVOREAP_CACHE`` or ``~/.cache/evoreap`` (shared with the observation cache)."""
+    env = os.environ.get("EVOREAP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoreap"
+
+
+def reference_key(model_fp: str, data_fp: str, top_k: int) -> str:
+    blob = json.dumps({"format": FORMAT, "version": VERSION, "model": model_fp, "data": data_fp, "top_k": top_k},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+# -- teacher-forced log-probs -----------------------------------------------------------------------------------------
+def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[N, L-1]``: position t predicts token t+1 and both are real tokens."""
+    mask = attention_mask.to(torch.bool)
+    return mask[:, :-1] & mask[:, 1:]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def next_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                        ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """One forward pass; yields ``(start, end, logprobs [B, end-start, V] float32)`` over the L-1 scored positions,
+    in chunks small enough that the float32 copy stays bounded whatever the vocabulary."""
+    device = model_device(model)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    logits = out.logits
+    b, length, vocab = logits.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, b * vocab))
+    for start in range(0, length - 1, step):
+        end = min(length - 1, start + step)
+        yield start, end, torch.log_softmax(logits[:, start:end].float(), dim=-1)
+
+
+def tail_logmass(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``ids`` (``[..., K]``), computed as a log-sum-exp over the rest of the
+    vocabulary (exact, unlike log(1 - sum)), floored at :data:`LOG_FLOOR`."""
+    rest = logprobs.scatter(-1, ids.long(), float("-inf"))
+    return torch.logsumexp(rest, dim=-1).clamp_min(LOG_FLOOR)
+
+
+# -- the record -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """Top-K next-token distributions of the unpruned model over every row of one :class:`TokenData`.
+
+    Attributes:
+        topk_logprobs: ``[N, L-1, K]`` float32, descending.
+        topk_ids: ``[N, L-1, K]`` int32 token ids of those log-probs.
+        tail_logmass: ``[N, L-1]`` float32, log(1 - sum of the top-K probabilities), floored at ``LOG_FLOOR``.
+        target_logprob: ``[N, L-1]`` float32, log-prob of the actual next token.
+        valid: ``[N, L-1]`` bool, both tokens of the position are real.
+        model_fingerprint, data_fingerprint: what it was computed from (see :func:`model_fingerprint`).
+        top_k: K; ``vocab_size``: V (K == V makes the top-K proxies exact).
+    """
+
+    topk_logprobs: torch.Tensor
+    topk_ids: torch.Tensor
+    tail_logmass: torch.Tensor
+    target_logprob: torch.Tensor
+    valid: torch.Tensor
+    model_fingerprint: str
+    data_fingerprint: str
+    top_k: int
+    vocab_size: int
+    domains: tuple[str, ...] = ()
+    data_fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return reference_key(self.model_fingerprint, self.data_fingerprint, self.top_k)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.valid.sum())
+
+    def check(self, model: torch.nn.Module | None = None, data: TokenData | None = None) -> None:
+        """Refuse (EvoreapError) to be used with another model or other tokens than it was built from."""
+        if model is not None and model_fingerprint(model) != self.model_fingerprint:
+            raise EvoreapError("the reference distributions were computed with another model (router weights or "
+                               "config differ); rebuild it for this model with reference_cached(model, data, ...)")
+        if data is not None and data_fingerprint(data) != self.data_fingerprint:
+            raise EvoreapError(f"the reference distributions were computed on other tokens ({len(data)} rows of "
+                               f"{data.seq_len} given, reference has {self.valid.shape[0]} rows of "
+                               f"{self.valid.shape[1] + 1}); rebuild it for this data")
+
+    def rows(self, index: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The per-position tensors of rows ``index``, on ``device``."""
+        return {name: getattr(self, name)[index].to(device) for name in _TENSORS}
+
+    # -- files ----------------------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        n, t, k = self.topk_logprobs.shape
+        return {"format": FORMAT, "version": VERSION, "key": self.key, "model_fingerprint": self.model_fingerprint,
+                "data_fingerprint": self.data_fingerprint, "data_fingerprints": dict(self.data_fingerprints),
+                "domains": list(self.domains), "top_k": self.top_k, "vocab_size": self.vocab_size,
+                "rows": n, "positions": t, "tokens": self.num_tokens,
+                "tail": "log of the probability mass outside the top-K ids, floored at %g" % LOG_FLOOR}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``reference.safetensors`` then ``manifest.json`` (the manifest marks a complete entry)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".reference.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSORS}, tmp,
+                      metadata={"format": FORMAT, "key": self.key})
+            os.replace(tmp, directory / "reference.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        write_json_atomic(directory / "manifest.json", self.manifest())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Reference:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{directory} holds no reference (manifest.json missing)") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EvoreapError(f"{directory}/manifest.json is corrupt ({e}); delete the directory to rebuild") from None
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise EvoreapError(f"{directory} is not an evoreap reference of version {VERSION}; delete it to rebuild")
+        try:
+            tensors = load_file(directory / "reference.safetensors")
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise EvoreapError(f"cannot read {directory}/reference.safetensors ({e}); delete the directory to "
+                               "rebuild") from None
+        missing = [n for n in _TENSORS if n not in tensors]
+        if missing:
+            raise EvoreapError(f"{directory}/reference.safetensors lacks {', '.join(missing)}; delete it to rebuild")
+        ref = cls(**{n: tensors[n] for n in _TENSORS}, model_fingerprint=manifest["model_fingerprint"],
+                  data_fingerprint=manifest["data_fingerprint"], top_k=int(manifest["top_k"]),
+                  vocab_size=int(manifest["vocab_size"]), domains=tuple(manifest.get("domains", ())),
+                  data_fingerprints=dict(manifest.get("data_fingerprints", {})))
+        if manifest.get("key") != ref.key:
+            raise EvoreapError(f"{directory}: manifest key does not match its contents; delete it to rebuild")
+        return ref
+
+
+# -- building ---------------------------------------------------------------------------------------------------------
+def build_reference(model: torch.nn.Module, data: TokenData, *, top_k: int = 64, batch_size: int = 8,
+                    progress: bool = True) -> Reference:
+    """Run the (unmasked) model once over every row of ``data`` and keep the top-``top_k`` log-probs per position."""
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if not 1 <= top_k <= vocab:
+        raise UsageError(f"reference top-K must lie between 1 and the vocabulary size {vocab}, got {top_k}")
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if data.seq_len < 2:
+        raise UsageError("sequences need at least 2 tokens to score a next-token prediction")
+    from tqdm.auto import tqdm
+
+    n, positions = len(data), data.seq_len - 1
+    topk_lp = torch.empty(n, positions, top_k, dtype=torch.float32)
+    topk_ids = torch.empty(n, positions, top_k, dtype=torch.int32)
+    tail = torch.empty(n, positions, dtype=torch.float32)
+    target = torch.empty(n, positions, dtype=torch.float32)
+    bar = tqdm(total=n, desc="reference", unit="seq", disable=not progress)
+    with torch.inference_mode():
+        for row in range(0, n, batch_size):
+            ids, mask = data.input_ids[row:row + batch_size], data.attention_mask[row:row + batch_size]
+            rows = slice(row, row + ids.shape[0])
+            targets = ids[:, 1:].to(model_device(model))
+            for s, e, logp in next_token_logprobs(model, ids, mask):
+                values, index = torch.topk(logp, top_k, dim=-1)
+                topk_lp[rows, s:e] = values.cpu()
+                topk_ids[rows, s:e] = index.to(torch.int32).cpu()
+                tail[rows, s:e] = tail_logmass(logp, index).cpu()
+                target[rows, s:e] = logp.gather(-1, targets[:, s:e, None].long()).squeeze(-1).cpu()
+            bar.update(ids.shape[0])
+    bar.close()
+    return Reference(topk_lp, topk_ids, tail, target, scored_positions(data.attention_mask),
+                     model_fingerprint(model), data_fingerprint(data), top_k, vocab, tuple(data.domains),
+                     dict(data.fingerprints))
+
+
+def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
+                     cache_dir: str | Path | None = None, batch_size: int = 8, progress: bool = True) -> Reference:
+    """Load the reference for (model, data, top_k) from the cache, or build and store it.
+
+    ``cache_dir`` is the cache root (default :func:`cache_root`); entries live under ``<root>/reference/<key>``.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    key = reference_key(model_fingerprint(model), data_fingerprint(data), top_k)
+    directory = root / "reference" / key
+    if (directory / "manifest.json").is_file():
+        try:
+            ref = Reference.load(directory)
+            ref.check(data=data)
+            log.info("reusing reference distributions from %s", directory)
+            return ref
+        except EvoreapError as e:
+            log.warning("ignoring unusable cached reference (%s); rebuilding", e)
+    ref = build_reference(model, data, top_k=top_k, batch_size=batch_size, progress=progress)
+    ref.save(directory)
+    log.info("stored reference distributions (%d tokens, top-%d) in %s", ref.num_tokens, top_k, directory)
+    return ref

@@ -1,0 +1,1 @@
+"""Per-layer allocation search: search space and budget, evolutionary variation, the Optuna-backed driver."""

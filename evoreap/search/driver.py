@@ -1,0 +1,228 @@
+"""The search: an elitist evolutionary loop with multi-fidelity racing, on Optuna storage.
+
+One generation (all randomness from ``Random(f"{seed}:{generation}")``, so a resumed run makes the same choices):
+
+1. ``offspring`` children of the elites by budget-preserving level-switch mutation (a share saliency-guided);
+2. stage 1: every child is scored on the first ``fidelities[0]`` tokens of a fixed shuffled order of the search
+   data; the best ``survivors[0]`` go on;
+3. stage 2: re-scored on ``fidelities[1]`` tokens (a superset of stage 1's); the best ``survivors[1]`` go on;
+4. stage 3: scored on ``fidelities[2]`` tokens, the tokens every elite was scored on (paired comparison); the best
+   ``population`` of elites and challengers become the next elites.
+
+Generation 0 scores the seeds (uniform, the analytic saliency allocation, shape patterns) at the top fidelity. The
+result is the best allocation ever scored at the top fidelity, so it is never worse than uniform on the search
+data. Scores are looked up in the study before anything is computed: re-running a killed search replays the same
+decisions from stored trials and computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from evoreap.search import evolution
+from evoreap.search.space import SearchSpace
+from evoreap.search.storage import enqueue, fail_dead_trials, pop_waiting, trials_by_key
+
+log = logging.getLogger(__name__)
+
+Alloc = tuple[int, ...]
+# A scorer maps (allocation, tokens) to (value to minimise, user attrs to store).
+Scorer = Callable[[Alloc, int], tuple[float, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    generations: int = 25
+    population: int = 4
+    offspring: int = 12
+    fidelities: tuple[int, int, int] = (4096, 16384, 32768)
+    survivors: tuple[int, int] = (4, 2)
+    guided: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class SearchLimits:
+    """Optional bounds besides the generation count; reaching one ends the search after the current stage."""
+
+    trials: int | None = None
+    time_limit: float | None = None
+    token_budget: int | None = None
+    started: float = field(default_factory=time.time)
+
+    def reached(self, trials: int, tokens: int) -> str | None:
+        if self.trials is not None and trials >= self.trials:
+            return f"{trials} trials"
+        if self.time_limit is not None and time.time() - self.started >= self.time_limit:
+            return f"time limit {self.time_limit:g}s"
+        if self.token_budget is not None and tokens >= self.token_budget:
+            return f"token budget {self.token_budget:,}"
+        return None
+
+
+def candidate_key(counts: Alloc, tokens: int) -> str:
+    return f"{'-'.join(map(str, counts))}@{tokens}"
+
+
+def params_of(space: SearchSpace, counts: Alloc) -> dict[str, int]:
+    return {f"k{layer}": int(k) for layer, k in zip(space.layers, counts)}
+
+
+def distributions(space: SearchSpace) -> dict[str, optuna.distributions.IntDistribution]:
+    return {f"k{layer}": optuna.distributions.IntDistribution(lo, hi, step=space.step)
+            for layer, lo, hi in zip(space.layers, space.lower, space.upper)}
+
+
+def score_trial(study: optuna.Study, trial: optuna.trial.Trial, space: SearchSpace, scorer: Scorer) -> float:
+    """Score one popped trial (its params were fixed when it was enqueued) and tell Optuna the result."""
+    try:
+        counts = tuple(trial.suggest_int(f"k{layer}", lo, hi, step=space.step)
+                       for layer, lo, hi in zip(space.layers, space.lower, space.upper))
+        tokens = int(trial.user_attrs["tokens"])
+        trial.set_constraint("budget", float(space.routed_params(counts) - space.budget.params))
+        value, attrs = scorer(counts, tokens)
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    study.tell(trial, value)
+    return value
+
+
+def work_queue(study: optuna.Study, space: SearchSpace, scorer: Scorer) -> int:
+    """Score WAITING trials until the queue is empty; returns how many this process scored."""
+    done = 0
+    while (trial := pop_waiting(study)) is not None:
+        score_trial(study, trial, space, scorer)
+        done += 1
+    return done
+
+
+class Leader:
+    """Runs the evolutionary loop; asks the study for scores and enqueues the ones it lacks."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, scorer: Scorer, settings: EvolutionSettings,
+                 curves: list[list[float]] | None, limits: SearchLimits | None = None, poll: float = 0.2,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None):
+        self.study, self.space, self.scorer, self.s = study, space, scorer, settings
+        self.curves, self.limits, self.poll = curves, limits or SearchLimits(), poll
+        self.on_progress = on_progress
+        self.history: list[dict[str, Any]] = []
+        self.correlations: list[dict[str, Any]] = []
+        self.tokens_spent = 0
+
+    # -- scoring through the study ----------------------------------------------------------------------------------
+    def score_many(self, requests: list[tuple[Alloc, int, dict[str, Any]]]) -> list[float]:
+        """Scores for ``(counts, tokens, attrs)`` requests: from the study where present, else enqueued and scored
+        here (and by any workers) before returning."""
+        keys = [candidate_key(c, n) for c, n, _ in requests]
+        done = trials_by_key(self.study, (TrialState.COMPLETE,))
+        pending = trials_by_key(self.study, (TrialState.WAITING, TrialState.RUNNING))
+        for (counts, tokens, attrs), key in zip(requests, keys):
+            if key not in done and key not in pending:
+                enqueue(self.study, params_of(self.space, counts), {**attrs, "key": key, "tokens": tokens})
+                pending[key] = None
+        while True:
+            work_queue(self.study, self.space, self.scorer)
+            done = trials_by_key(self.study, (TrialState.COMPLETE,))
+            missing = [i for i, k in enumerate(keys) if k not in done]
+            if not missing:
+                break
+            fail_dead_trials(self.study)
+            alive = trials_by_key(self.study, (TrialState.WAITING, TrialState.RUNNING))
+            for i in missing:  # a failed trial (dead worker, crash) is asked for again
+                if keys[i] not in alive:
+                    counts, tokens, attrs = requests[i]
+                    log.warning("re-queueing %s after a failed trial", keys[i])
+                    enqueue(self.study, params_of(self.space, counts), {**attrs, "key": keys[i], "tokens": tokens})
+            time.sleep(self.poll)
+        values = [float(done[k].value) for k in keys]
+        for (counts, tokens, attrs), value in zip(requests, values):
+            self.tokens_spent += tokens
+            self.history.append({"counts": list(counts), "tokens": tokens, "value": value,
+                                 "stage": attrs.get("stage"), "generation": attrs.get("generation"),
+                                 "origin": attrs.get("origin"), "tokens_spent": self.tokens_spent})
+        return values
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        s, space = self.s, self.space
+        top = s.fidelities[-1]
+        seeds: dict[str, Alloc] = {"uniform": space.uniform}
+        if self.curves is not None:
+            seeds["saliency"] = evolution.analytic_seed(space, self.curves)
+        seeds.update(evolution.pattern_seeds(space))
+        unique: dict[Alloc, str] = {}
+        for name, c in seeds.items():
+            unique.setdefault(c, name)
+        seed_list = list(unique.items())
+        vals = self.score_many([(c, top, {"stage": 3, "generation": 0, "origin": f"seed:{name}"})
+                                for c, name in seed_list])
+        scored_top: dict[Alloc, float] = dict(zip((c for c, _ in seed_list), vals))
+        seen: set[Alloc] = set(scored_top)
+        elites = self._select(scored_top)
+        stop = None
+        gen = 0
+        for gen in range(1, s.generations + 1):
+            stop = self.limits.reached(len(self.history), self.tokens_spent)
+            if stop:
+                break
+            rng = random.Random(f"{s.seed}:{gen}")
+            children = evolution.offspring(elites, space, rng, s.offspring, seen, self.curves, s.guided)
+            if not children:
+                log.info("generation %d: the neighbourhood of the elites is exhausted", gen)
+                break
+            seen.update(children)
+            survivors = children
+            low_scores: dict[Alloc, float] = {}
+            for stage, (tokens, keep) in enumerate(zip(s.fidelities[:2], s.survivors), start=1):
+                v = self.score_many([(c, tokens, {"stage": stage, "generation": gen, "origin": "mutation"})
+                                     for c in survivors])
+                if stage == 2:
+                    self._correlation(gen, [low_scores[c] for c in survivors], v)
+                low_scores = dict(zip(survivors, v))
+                survivors = [c for _, c in sorted(zip(v, survivors), key=lambda p: p[0])][:keep]
+            v = self.score_many([(c, top, {"stage": 3, "generation": gen, "origin": "mutation"}) for c in survivors])
+            scored_top.update(zip(survivors, v))
+            elites = self._select(scored_top)
+            best = min(scored_top.values())
+            log.info("generation %d: best %.5f (uniform %.5f), %d trials, %s tokens", gen, best,
+                     scored_top[space.uniform], len(self.history), f"{self.tokens_spent:,}")
+            if self.on_progress:
+                self.on_progress({"generation": gen, "best": best, "tokens": self.tokens_spent,
+                                  "trials": len(self.history)})
+        best_counts = min(scored_top, key=lambda c: (scored_top[c], c != space.uniform))
+        return {"best": best_counts, "best_value": scored_top[best_counts], "uniform_value": scored_top[space.uniform],
+                "generations": gen if not stop else gen - 1, "stopped_by": stop or "generations",
+                "tokens_spent": self.tokens_spent, "history": self.history, "correlations": self.correlations,
+                "scored_top": {"-".join(map(str, c)): v for c, v in scored_top.items()}}
+
+    def _select(self, scored_top: dict[Alloc, float]) -> list[Alloc]:
+        """The ``population`` best at the top fidelity (ties: uniform first, then lexicographic, for determinism)."""
+        order = sorted(scored_top, key=lambda c: (scored_top[c], c != self.space.uniform, c))
+        return order[: self.s.population]
+
+    def _correlation(self, gen: int, low: list[float], high: list[float]) -> None:
+        if len(low) < 3:
+            return
+        rho = spearman(low, high)
+        self.correlations.append({"generation": gen, "spearman": rho, "n": len(low)})
+        log.info("generation %d: rank correlation stage 1 vs stage 2 = %.2f over %d candidates", gen, rho, len(low))
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -1,0 +1,90 @@
+"""--data spec parsing and token packing."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoreap.data import load_tokens, parse_data_spec
+from evoreap.errors import UsageError
+
+
+class CharTokenizer:
+    """A byte tokenizer: enough to test packing without any model files."""
+
+    eos_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": [b + 1 for b in text.encode("utf-8")]}
+
+
+def test_demo_expands_to_four_equal_domains():
+    src = parse_data_spec("demo", "calibration")
+    assert [s.name for s in src] == ["code", "drama", "tools", "math"]
+    assert all(s.split == "calibration" and abs(s.weight - 0.25) < 1e-12 for s in src)
+
+
+def test_weights_and_split_overrides():
+    src = parse_data_spec("code@heldout:3,math", "search")
+    assert [(s.name, s.split, s.weight) for s in src] == [("code", "heldout", 0.75), ("math", "search", 0.25)]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("", "empty --data"), ("cod", "did you mean code"), ("code:-1", "positive"), ("code:nan", "positive"),
+    ("code,,math", "empty item"), ("code@nosuch", "unknown split"), ("missing.jsonl", "does not exist"),
+    ("code,code", "twice"),
+])
+def test_bad_specs_are_refused(spec, match):
+    with pytest.raises(UsageError, match=match):
+        parse_data_spec(spec, "calibration")
+
+
+def test_packing_respects_weights_and_sizes():
+    data = load_tokens("code:3,math:1", CharTokenizer(), split="calibration", seq_len=64, samples=8)
+    assert data.input_ids.shape == (8, 64)
+    assert data.domain_ids.tolist() == [0] * 6 + [1] * 2
+    again = load_tokens("code:3,math:1", CharTokenizer(), split="calibration", seq_len=64, samples=8)
+    assert data.fingerprints == again.fingerprints  # deterministic
+
+
+def test_jsonl_text_and_chat_fields(tmp_path):
+    f = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi " * 30}, {"role": "assistant", "content": "yo " * 30}]}]
+    f.write_text("\n".join(json.dumps(r) for r in rows * 4))
+    data = load_tokens(str(f), CharTokenizer(), split="calibration", seq_len=32)
+    assert data.domains == ("chats",) and len(data) > 0 and str(f) in data.file_hashes
+
+
+@pytest.mark.parametrize("content,name,match", [
+    (b"", "empty.txt", "empty"),
+    (b"\x00\x01binary\x00", "bin.txt", "binary"),
+    (b'{"body": "x"}\n', "nofield.jsonl", "neither a 'text'"),
+    (b"short", "short.txt", "fewer than one sequence"),
+])
+def test_bad_files_are_refused(tmp_path, content, name, match):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(UsageError, match=match):
+        load_tokens(str(f), CharTokenizer(), split="calibration", seq_len=64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["code", "drama", "tools", "math"]),
+                          st.floats(min_value=0.01, max_value=100)), min_size=1, max_size=4,
+                unique_by=lambda t: t[0]))
+def test_parsed_weights_are_normalised(items):
+    spec = ",".join(f"{n}:{w!r}" for n, w in items)
+    src = parse_data_spec(spec, "search")
+    assert abs(sum(s.weight for s in src) - 1) < 1e-9
+    assert [s.name for s in src] == [n for n, _ in items]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=30))
+def test_arbitrary_specs_either_parse_or_raise_usage_error(spec):
+    try:
+        parse_data_spec(spec, "search")
+    except UsageError:
+        pass
