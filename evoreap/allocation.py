@@ -112,19 +112,24 @@ class Allocation:
         return cls.from_json(data, str(path))
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over, so readers never see half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it over, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def select_experts(adapter: MoEAdapter, scores: torch.Tensor, keep: int) -> torch.Tensor:

@@ -104,11 +104,14 @@ class MoEAdapter:
         return 3 * h * i + ((2 * i + h) if self.spec.expert_bias else 0)
 
     def min_keep(self) -> int:
-        """The fewest experts a layer may keep: top-k, and for group-limited routing at least two per group so
-        that the group score (sum of each group's best two) stays defined."""
+        """The fewest experts a layer may keep: top-k, and for group-limited routing at least two per group (the
+        group score sums each group's best two) and enough per group that the ``topk_group`` chosen groups hold
+        top-k survivors."""
         floor = self.top_k
         if self.n_group > 1:
-            floor = max(floor, 2 * self.n_group)
+            topk_group = int(getattr(self.config, "topk_group", 1) or 1)
+            per_group = max(2, -(-self.top_k // topk_group))
+            floor = max(floor, per_group * self.n_group)
         return floor
 
     def check_keep_count(self, layer: int, keep: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from typing import Any
 
 import optuna
@@ -40,7 +41,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                          "postgresql://user:pass@host/db, or journal:///path/to/journal.log")
     engine = {"connect_args": {"timeout": 60}} if scheme.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=15, grace_period=60)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5 but are what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=15, grace_period=60)
     except Exception as e:  # sqlalchemy raises driver-specific errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot open storage {url}: {first}; check the URL and that the database is reachable") \
@@ -86,7 +89,8 @@ def fail_dead_trials(study: optuna.Study) -> int:
                 failed += 1
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
-    if isinstance(study._storage, optuna.storages.BaseHeartbeat) and study._storage.is_heartbeat_enabled():
+    storage = study._storage
+    if callable(getattr(storage, "is_heartbeat_enabled", None)) and storage.is_heartbeat_enabled():
         try:
             optuna.storages.fail_stale_trials(study)
         except Exception:  # heartbeat bookkeeping must never stop the search

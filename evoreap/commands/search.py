@@ -1,0 +1,129 @@
+"""``evoreap search``: find per-layer expert keep counts under one global budget."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from evoreap.commands.common import add_model_arguments, add_runtime_arguments
+from evoreap.errors import UsageError
+
+NAME = "search"
+HELP = "search per-layer expert counts under a global parameter budget (evolutionary, on Optuna)"
+EXAMPLE = "evoreap search --budget 0.5 --proxy kl --criterion reap --run demo-half --export pruned/"
+
+log = logging.getLogger("evoreap.search")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_runtime_arguments(p)
+    b = p.add_argument_group("budget (give one)")
+    b.add_argument("--budget", type=_fraction, default=None,
+                   help="fraction of routed-expert parameters kept, in (0, 1]")
+    b.add_argument("--budget-params", type=int, default=None, help="routed-expert parameters kept")
+    b.add_argument("--budget-gb", type=_fraction, default=None, help="size of the routed experts after quantisation")
+    b.add_argument("--bits", type=_fraction, default=None, help="bits per weight for --budget-gb")
+    s = p.add_argument_group("search")
+    s.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")
+    s.add_argument("--criterion", default="reap", help="which experts a layer keeps (evoreap observe --list-criteria)")
+    s.add_argument("--min-count", type=int, default=None,
+                   help="routed tokens below which an expert's mean score is not trusted (default: the criteria's)")
+    s.add_argument("--proxy", default="kl", help="candidate score: kl, esap or nll")
+    s.add_argument("--proxy-weights", default=None, help="per-domain weights of the proxy, e.g. code:2,drama:1")
+    s.add_argument("--sampler", default="evolution", choices=["evolution", "tpe", "cmaes", "random"],
+                   help="evolution (default) or an Optuna sampler over a repaired continuous encoding")
+    s.add_argument("--generations", type=int, default=20, help="generations of the evolutionary search")
+    s.add_argument("--population", type=int, default=4, help="elites kept per generation")
+    s.add_argument("--offspring", type=int, default=12, help="children per generation")
+    s.add_argument("--fidelities", type=_ints, default=(4096, 16384, 32768),
+                   help="tokens per racing stage (the last is the full fidelity)")
+    s.add_argument("--survivors", type=_ints, default=(4, 2), help="candidates passing stage 1 and stage 2")
+    s.add_argument("--guided", type=float, default=0.5, help="share of saliency-guided mutations")
+    s.add_argument("--trials", type=int, default=None, help="stop after this many scored trials")
+    s.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    s.add_argument("--token-budget", type=int, default=None, help="stop after scoring this many tokens")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="demo", help="search data spec (split 'search' for bundled domains)")
+    d.add_argument("--calib-data", default="demo", help="calibration data for saliency (split 'calibration')")
+    d.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens")
+    d.add_argument("--heldout-data", default="demo", help="final evaluation data (split 'heldout')")
+    d.add_argument("--heldout-tokens", type=int, default=32768, help="held-out tokens for the final table")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    d.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    d.add_argument("--reference-top-k", type=int, default=64, help="top-K log-probs cached for kl/esap")
+    d.add_argument("--allow-overlap", action="store_true", help="run even if calibration/search/held-out overlap")
+    r = p.add_argument_group("run")
+    r.add_argument("--run", default=None, help="run name (default: model, budget and time; an unfinished run "
+                                               "with the same settings is resumed)")
+    r.add_argument("--runs-dir", default="runs", help="where run directories live")
+    r.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///RUN/study.db); "
+                                                   "postgresql://... or journal:///path.log for many workers")
+    r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    r.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--cache-dir", default=None, help="observation/reference cache (default $EVOREAP_CACHE or "
+                                                     "~/.cache/evoreap)")
+    r.add_argument("--export", default=None, help="export the best allocation to this directory")
+    r.add_argument("--overwrite", action="store_true", help="let --export replace a non-empty directory")
+    r.add_argument("--no-plots", action="store_true", help="skip the pictures and report")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evoreap.search.session import SearchSession
+
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    session = SearchSession.prepare(args)
+    if args.worker:
+        session.work()
+        return 0
+    procs = _spawn_workers(args, session) if args.workers > 1 else []
+    try:
+        session.lead()
+    finally:
+        for proc in procs:
+            proc.wait()
+    return 0
+
+
+def _spawn_workers(args: argparse.Namespace, session) -> list[subprocess.Popen]:
+    argv, skip = [], False
+    for a in sys.argv[1:] if sys.argv[1:2] == ["search"] else ["search"]:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            argv.append(a)
+    if "--run" not in argv:
+        argv += ["--run", session.run.path.name]
+    if "--storage" not in argv:
+        argv += ["--storage", session.storage_url]
+    cmd = [sys.executable, "-m", "evoreap.cli", *argv, "--worker", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log.info("starting %d worker processes", args.workers - 1)
+    procs = []
+    for i in range(args.workers - 1):
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=open(Path(session.run.path) / f"worker{i + 1}.log", "ab")))
+        time.sleep(0.1)
+    return procs

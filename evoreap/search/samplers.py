@@ -1,0 +1,79 @@
+"""Optuna's own samplers as alternatives to the evolutionary default, over a repaired continuous encoding.
+
+Each trial suggests one weight ``w_l`` in [0, 1] per MoE layer; the allocation is ``lower + w * (upper - lower)``
+scaled to the exact expert total and repaired to the bounds and steps. Every candidate is scored at the top
+fidelity (these samplers do not race). The first trial is the uniform allocation (all weights equal).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from evoreap.search.driver import EvolutionSettings, SearchLimits, Scorer, candidate_key
+from evoreap.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def decode(space: SearchSpace, weights: list[float]) -> tuple[int, ...]:
+    raw = [lo + w * (hi - lo) for w, lo, hi in zip(weights, space.lower, space.upper)]
+    scale = space.total / sum(raw) if sum(raw) else 1.0
+    return space.repair([int(math.floor(r * scale)) for r in raw])
+
+
+def optuna_sampler_search(study: optuna.Study, space: SearchSpace, scorer: Scorer, sampler: str,
+                          settings: EvolutionSettings, limits: SearchLimits,
+                          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    top = settings.fidelities[-1]
+    budget = settings.generations * (settings.offspring // 2 + 1)  # comparable top-fidelity token spend
+    study.sampler = make_sampler(sampler, settings.seed)
+    names = [f"w{layer}" for layer in space.layers]
+    if not study.trials:
+        study.enqueue_trial({n: 0.5 for n in names}, user_attrs={"origin": "seed:uniform"})
+    scored: dict[tuple[int, ...], float] = {}
+    history, spent = [], 0
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        counts = tuple(t.user_attrs["counts"])
+        scored[counts] = t.value
+    while len([t for t in study.trials if t.state.is_finished()]) < budget:
+        if limits.reached(len(history), spent):
+            break
+        trial = study.ask()
+        counts = decode(space, [trial.suggest_float(n, 0.0, 1.0) for n in names])
+        trial.set_user_attr("counts", list(counts))
+        trial.set_user_attr("key", candidate_key(counts, top))
+        trial.set_user_attr("tokens", top)
+        trial.set_constraint("budget", float(space.routed_params(counts) - space.budget.params))
+        if counts in scored:
+            value = scored[counts]
+        else:
+            value, attrs = scorer(counts, top)
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            spent += top
+        study.tell(trial, value)
+        scored[counts] = value
+        history.append({"counts": list(counts), "tokens": top, "value": value, "stage": 3,
+                        "generation": trial.number, "origin": sampler, "tokens_spent": spent})
+        if on_progress and trial.number % max(1, settings.offspring // 2) == 0:
+            on_progress({"generation": trial.number, "best": min(scored.values()), "tokens": spent,
+                         "trials": len(history)})
+    if space.uniform not in scored:
+        scored[space.uniform], _ = scorer(space.uniform, top)
+    best = min(scored, key=lambda c: (scored[c], c != space.uniform))
+    return {"best": best, "best_value": scored[best], "uniform_value": scored[space.uniform],
+            "generations": len(history), "stopped_by": "trials", "tokens_spent": spent, "history": history,
+            "correlations": [], "scored_top": {"-".join(map(str, c)): v for c, v in scored.items()}}

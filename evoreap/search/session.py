@@ -1,0 +1,312 @@
+"""One search run end to end: set-up (model, budget, data, saliency, reference, study), the leader or worker
+loop, and the final comparison on held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from evoreap.allocation import Allocation, keep_masks, select_experts, write_json_atomic
+from evoreap.data import TokenData, load_tokens
+from evoreap.models import LoadedModel, load_model
+from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
+from evoreap.search.evolution import layer_mass_curves
+from evoreap.search.run import RunDir, default_run_name, find_unfinished
+from evoreap.search.space import Budget, SearchSpace, load_space_settings
+from evoreap.search.storage import fail_dead_trials, open_storage
+
+log = logging.getLogger(__name__)
+STUDY_NAME = "evoreap"
+
+
+@dataclass
+class SearchSession:
+    args: argparse.Namespace
+    loaded: LoadedModel
+    space: SearchSpace
+    settings: EvolutionSettings
+    run: RunDir
+    storage_url: str
+    study: optuna.Study
+    search_data: TokenData
+    scores: dict[int, torch.Tensor]
+    curves: list[list[float]]
+    reference: Any
+    order: torch.Tensor
+    weights: dict[str, float] | None
+    observation_key: str
+    heldout: TokenData
+    stats: Any
+
+    # -- set-up -----------------------------------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, args: argparse.Namespace) -> SearchSession:
+        from evoreap.criteria import get_criterion
+        from evoreap.proxies import get_proxy, parse_proxy_weights, token_order
+
+        t0 = time.time()
+        # Cheap checks first: a bad budget, space, criterion or proxy fails before any weight is read.
+        from evoreap.adapters import MoEAdapter
+        from evoreap.models import load_config
+
+        adapter = MoEAdapter(load_config(args.model, trust_remote_code=args.trust_remote_code))
+        space = SearchSpace.build(adapter, load_space_settings(args.space),
+                                  Budget.resolve(adapter, fraction=args.budget, params=args.budget_params,
+                                                 gb=args.budget_gb, bits=args.bits))
+        get_criterion(args.criterion)
+        proxy = get_proxy(args.proxy)
+        weights = parse_proxy_weights(args.proxy_weights) if args.proxy_weights else None
+        settings = _evolution_settings(args)
+        if args.worker:
+            torch.set_num_threads(1)
+
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
+        tok = loaded.tokenizer
+        calib = load_tokens(args.calib_data, tok, split="calibration", seq_len=args.seq_len, tokens=args.calib_tokens,
+                            seed=args.seed)
+        # a row of L tokens scores L-1 next-token positions: load enough rows for the top fidelity
+        search = load_tokens(args.data, tok, split="search", seq_len=args.seq_len, seed=args.seed,
+                             samples=-(-settings.fidelities[-1] // max(args.seq_len - 1, 1)))
+        heldout = load_tokens(args.heldout_data, tok, split="heldout", seq_len=args.seq_len,
+                              tokens=args.heldout_tokens, seed=args.seed)
+        _guard_overlap(args, calib, search, heldout)
+        if weights:
+            unknown = sorted(set(weights) - set(search.domains))
+            if unknown:
+                raise UsageError(f"--proxy-weights names {', '.join(unknown)}, not a domain of the search data "
+                                 f"({', '.join(search.domains)})")
+
+        identity = {
+            "model": loaded.path, "model_fingerprint": _model_fp(loaded.model), "space": space.describe(),
+            "criterion": args.criterion, "min_count": args.min_count, "proxy": proxy.name,
+            "proxy_weights": weights, "sampler": args.sampler, "evolution": asdict(settings),
+            "seed": args.seed, "seq_len": args.seq_len, "reference_top_k": args.reference_top_k,
+            "calibration": calib.fingerprints, "search": search.fingerprints, "heldout": heldout.fingerprints,
+        }
+        identity = _jsonable(identity)
+        runs_dir = Path(args.runs_dir)
+        name = args.run
+        if name is None:
+            found = find_unfinished(runs_dir, identity)
+            name = found.name if found else default_run_name(loaded.path, f"b{space.total}")
+            if found:
+                log.info("resuming unfinished run %s (same settings)", name)
+        run = RunDir.open(name, runs_dir, identity, {k: v for k, v in vars(args).items() if not k.startswith("_")})
+        storage_url = args.storage or f"sqlite:///{(run.path / 'study.db').resolve()}"
+
+        key, stats = _observe(loaded, calib, args)
+        scores = _scores(stats, args)
+        from evoreap.criteria import score_experts
+
+        mass = score_experts(stats, "reap_x_frequency", min_count=0)
+        curves = layer_mass_curves(space, mass)
+        reference = None
+        if proxy.needs_reference:
+            from evoreap.reference import reference_cached
+
+            reference = reference_cached(loaded.model, search, top_k=args.reference_top_k, cache_dir=args.cache_dir,
+                                         batch_size=args.batch_size, progress=not args.worker)
+        storage = open_storage(storage_url)
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="minimize",
+                                    load_if_exists=True)
+        if not args.worker:
+            study.set_user_attr("space", space.describe())
+            run.environment({"observation_key": key, "storage": storage_url, "data": {
+                "calibration": calib.file_hashes, "search": search.file_hashes, "heldout": heldout.file_hashes}})
+        log.info("set-up: %s, %d MoE layers x %d experts, budget %s -> %d experts kept (uniform %s), run %s (%.1fs)",
+                 adapter.name, len(space.layers), adapter.num_experts, space.budget.described, space.total,
+                 space.uniform[0] if len(set(space.uniform)) == 1 else list(space.uniform), run.path, time.time() - t0)
+        return cls(args, loaded, space, settings, run, storage_url, study, search, scores, curves, reference,
+                   token_order(search, args.seed), weights, key, heldout, stats)
+
+    # -- scoring ----------------------------------------------------------------------------------------------------
+    def masks_for(self, counts: tuple[int, ...], scores: dict[int, torch.Tensor] | None = None):
+        alloc = Allocation(self.space.layers, tuple(counts))
+        return keep_masks(self.loaded.adapter, alloc, scores or self.scores)
+
+    def scorer(self, counts: tuple[int, ...], tokens: int) -> tuple[float, dict[str, Any]]:
+        from evoreap.proxies import evaluate, loss_value
+
+        result = evaluate(self.loaded.model, self.loaded.adapter, self.masks_for(counts), self.search_data,
+                          proxies=_proxies(self.args.proxy), reference=self.reference, order=self.order,
+                          n_tokens=tokens, batch_size=self.args.batch_size)
+        value = loss_value(result, self.args.proxy, self.weights)
+        return value, {"values": result.values, "per_domain": result.per_domain, "scored_tokens": result.tokens,
+                       "routed_params": self.space.routed_params(counts)}
+
+    # -- roles ------------------------------------------------------------------------------------------------------
+    def work(self) -> None:
+        """A worker: score queued trials until the leader marks the study done."""
+        while not self.study.user_attrs.get("done"):
+            if work_queue(self.study, self.space, self.scorer) == 0:
+                time.sleep(0.3)
+            self.study = optuna.load_study(study_name=STUDY_NAME, storage=self.study._storage)
+
+    def lead(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        fail_dead_trials(self.study)
+        self.study.set_user_attr("done", False)
+        s = self.settings
+        bar = tqdm(total=s.generations, desc="search", unit="gen", disable=self.args.quiet)
+
+        def progress(info: dict[str, Any]) -> None:
+            bar.update(1)
+            bar.set_postfix(best=f"{info['best']:.4f}", tokens=f"{info['tokens'] / 1e6:.2f}M", trials=info["trials"])
+
+        limits = SearchLimits(trials=self.args.trials, time_limit=self.args.time_limit,
+                              token_budget=self.args.token_budget)
+        t0 = time.time()
+        try:
+            if self.args.sampler == "evolution":
+                result = Leader(self.study, self.space, self.scorer, s, self.curves, limits,
+                                on_progress=progress).run()
+            else:
+                from evoreap.search.samplers import optuna_sampler_search
+
+                result = optuna_sampler_search(self.study, self.space, self.scorer, self.args.sampler, s, limits,
+                                               on_progress=progress)
+        finally:
+            bar.close()
+            self.study.set_user_attr("done", True)
+        result["seconds"] = round(time.time() - t0, 1)
+        return self.finish(result)
+
+    # -- the end ----------------------------------------------------------------------------------------------------
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        from evoreap.criteria import score_experts
+        from evoreap.proxies import evaluate
+        from evoreap.reference import reference_cached
+
+        space, adapter = self.space, self.loaded.adapter
+        best, uniform = tuple(result["best"]), space.uniform
+        heldout = self.heldout
+        ref = reference_cached(self.loaded.model, heldout, top_k=self.args.reference_top_k,
+                               cache_dir=self.args.cache_dir, batch_size=self.args.batch_size, progress=False)
+        names = ("nll", "kl", "esap")
+        rows = {"unpruned": evaluate(self.loaded.model, adapter, None, heldout, proxies=names, reference=ref,
+                                     batch_size=self.args.batch_size)}
+        rows[f"uniform ({self.args.criterion})"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform),
+                                                             heldout, proxies=names, reference=ref,
+                                                             batch_size=self.args.batch_size)
+        if self.args.criterion != "frequency":
+            freq = score_experts(self.stats, "frequency", min_count=0)
+            rows["uniform (frequency)"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform, freq),
+                                                   heldout, proxies=names, reference=ref,
+                                                   batch_size=self.args.batch_size)
+        rows["searched"] = evaluate(self.loaded.model, adapter, self.masks_for(best), heldout, proxies=names,
+                                    reference=ref, batch_size=self.args.batch_size)
+        table = {k: {"values": v.values, "per_domain": v.per_domain, "tokens": v.tokens} for k, v in rows.items()}
+
+        kept = {layer: select_experts(adapter, self.scores[layer], k).tolist()
+                for layer, k in zip(space.layers, best)}
+        meta = {"budget": space.budget.described, "budget_params": space.budget.params,
+                "criterion": self.args.criterion, "min_count": self.args.min_count, "proxy": self.args.proxy,
+                "proxy_weights": self.weights, "search_value": result["best_value"],
+                "uniform_search_value": result["uniform_value"], "heldout": table["searched"]["values"],
+                "observation_key": self.observation_key, "model": self.loaded.path, "run": str(self.run.path)}
+        alloc = Allocation(space.layers, best, meta)
+        data = alloc.to_json(adapter)
+        data["experts"] = {str(layer): idx for layer, idx in kept.items()}
+        self.run.write("history.json", {k: result[k] for k in ("history", "correlations", "scored_top")})
+        summary = {k: v for k, v in result.items() if k not in ("history", "scored_top")}
+        summary.update(best=list(best), uniform=list(uniform), heldout=table, space=space.describe())
+        self.run.write("result.json", summary)
+        write_json_atomic(self.run.path / "best_allocation.json", data)
+        print_summary(space, result, table, self.args.proxy)
+        if self.args.export:
+            from evoreap.export import export_pruned
+
+            export_pruned(self.loaded.path, self.args.export, kept, meta=meta, overwrite=self.args.overwrite)
+            print(f"exported the pruned model to {self.args.export}")
+        if not self.args.no_plots:
+            try:
+                from evoreap.report import write_report
+
+                write_report(self.run.path)
+            except ImportError as e:  # plotting is an optional extra
+                log.warning("no pictures or report (%s); pip install 'evoreap[plot]'", e)
+        print(f"run directory: {self.run.path}  (best allocation: {self.run.path / 'best_allocation.json'})")
+        return summary
+
+
+def print_summary(space: SearchSpace, result: dict[str, Any], table: dict[str, Any], proxy: str) -> None:
+    best, uniform = result["best"], space.uniform
+    print()
+    print("keep counts per MoE layer")
+    print("  layer   " + " ".join(f"{layer:>4d}" for layer in space.layers))
+    print("  uniform " + " ".join(f"{k:>4d}" for k in uniform))
+    print("  best    " + " ".join(f"{k:>4d}" for k in best))
+    print()
+    print(f"search split ({proxy}, lower is better): best {result['best_value']:.5f}  uniform "
+          f"{result['uniform_value']:.5f}  after {result['generations']} generations, "
+          f"{len(result['history'])} trials, {result['tokens_spent']:,} tokens ({result['stopped_by']})")
+    print()
+    print(f"held-out split ({next(iter(table.values()))['tokens']:,} tokens)")
+    print(f"  {'model':24s} {'NLL':>8s} {'PPL':>9s} {'KL':>8s} {'ESAP':>7s}")
+    import math
+
+    for name, row in table.items():
+        v = row["values"]
+        print(f"  {name:24s} {v['nll']:8.4f} {math.exp(v['nll']):9.2f} {v['kl']:8.4f} {v['esap']:7.4f}")
+
+
+def _proxies(proxy: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((proxy, "nll")))
+
+
+def _evolution_settings(args: argparse.Namespace) -> EvolutionSettings:
+    if len(args.fidelities) != 3 or sorted(args.fidelities) != list(args.fidelities) or min(args.fidelities) <= 0:
+        raise UsageError(f"--fidelities needs three increasing token counts, got {args.fidelities}")
+    if len(args.survivors) != 2 or min(args.survivors) < 1 or args.survivors[1] > args.survivors[0]:
+        raise UsageError(f"--survivors needs two counts, the second not larger, got {args.survivors}")
+    if args.generations < 0 or args.population < 1 or args.offspring < 1:
+        raise UsageError("--generations must be >= 0, --population and --offspring >= 1")
+    return EvolutionSettings(generations=args.generations, population=args.population, offspring=args.offspring,
+                             fidelities=tuple(args.fidelities), survivors=tuple(args.survivors), guided=args.guided,
+                             seed=args.seed)
+
+
+def _observe(loaded: LoadedModel, calib: TokenData, args: argparse.Namespace):
+    from evoreap.observe.store import observe_cached
+
+    return observe_cached(loaded, calib, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                          progress=not args.worker)
+
+
+def _scores(stats, args: argparse.Namespace) -> dict[int, torch.Tensor]:
+    from evoreap.criteria import DEFAULT_MIN_COUNT, score_experts
+
+    min_count = DEFAULT_MIN_COUNT if args.min_count is None else args.min_count
+    return score_experts(stats, args.criterion, min_count=min_count, seed=args.seed)
+
+
+def _model_fp(model: torch.nn.Module) -> str:
+    from evoreap.reference import model_fingerprint
+
+    return model_fingerprint(model)
+
+
+def _guard_overlap(args: argparse.Namespace, calib: TokenData, search: TokenData, heldout: TokenData) -> None:
+    try:
+        from evoreap.data.guard import check_overlap
+    except ImportError:
+        return
+    check_overlap({"calibration": args.calib_data, "search": args.data, "heldout": args.heldout_data},
+                  allow=args.allow_overlap)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
