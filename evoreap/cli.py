@@ -86,6 +86,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # our own bars say what is loading
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING if verbose else optuna.logging.ERROR)

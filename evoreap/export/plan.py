@@ -168,3 +168,15 @@ def build_plan(index: CheckpointIndex, adapter: MoEAdapter, kept: dict[int, list
             missing = sorted(set(range(e)) - seen)
             raise EvoreapError(f"layer {layer}: the checkpoint lacks experts {missing[:8]}; it is incomplete")
     return ExportPlan(tuple(tensors), tuple(dropped), e, kept_t)
+
+
+def router_tensor_infos(index: CheckpointIndex, adapter: MoEAdapter) -> dict[str, TensorInfo]:
+    """The checkpoint's router tensors under the observation store's canonical names ``"<layer>.<name>"``."""
+    pat = _patterns(adapter)
+    moe = set(adapter.moe_layer_indices)
+    out = {}
+    for t in index:
+        m = pat.match(t.name)
+        if m and m["part"] == adapter.spec.router_attr and int(m["layer"]) in moe and "." not in m["rest"]:
+            out[f"{int(m['layer'])}.{m['rest']}"] = t
+    return out

@@ -144,6 +144,28 @@ class CheckpointIndex:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_tensor(info: TensorInfo):
+    """One (small) tensor read into memory, e.g. a router weight; export itself never calls this."""
+    import torch
+
+    name = _TORCH_DTYPES.get(info.dtype)
+    if name is None:
+        raise EvoreapError(f"{info.name}: cannot read dtype {info.dtype} into a tensor")
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        raw = bytearray(f.read(info.nbytes))
+    if len(raw) != info.nbytes:
+        raise EvoreapError(f"{info.file} is truncated inside {info.name}")
+    dtype = getattr(torch, name)
+    if not raw:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(raw, dtype=dtype).reshape(info.shape)
+
+
 _USE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
 

@@ -1,0 +1,248 @@
+"""``export_pruned``: stream a pruned checkpoint into a new directory that appears only when it is complete."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evoreap.adapters import MoEAdapter
+from evoreap.errors import EvoreapError, UsageError
+from evoreap.export.card import export_record, model_card
+from evoreap.export.plan import ExportPlan, build_plan
+from evoreap.export.reader import CheckpointIndex
+from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+COUNTS_KEY = "evoreap_experts_per_layer"
+MODELING_FILE = "modeling_evoreap.py"
+REMOTE_CLASS = "EvoreapForCausalLM"
+_TEMPLATE = Path(__file__).with_name("modeling_template.py")
+# Files besides weights and config that a model folder needs; copied verbatim when present. No code is ever copied.
+AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+             "chat_template.json", "LICENSE", "LICENSE.txt", "NOTICE")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_pruned` wrote."""
+
+    out: Path
+    uniform: bool
+    experts_per_layer: dict[int, int]
+    kept: dict[int, tuple[int, ...]]
+    files: tuple[str, ...]
+    tensors_written: int
+    tensors_dropped: int
+    bytes_before: int
+    bytes_after: int
+    elements_before: int
+    elements_after: int
+    seconds: float
+
+
+def read_source_config(src: Path, trust_remote_code: bool) -> dict[str, Any]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{src} has no config.json; pass the directory that save_pretrained wrote")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvoreapError(f"{path} is not valid JSON ({e})") from None
+    code = sorted(p.name for p in src.glob("*.py"))
+    if (raw.get("auto_map") or code) and not trust_remote_code:
+        what = f"custom code ({', '.join(code[:3]) or 'auto_map in config.json'})"
+        raise UsageError(f"{src} ships {what}; evoreap refuses models with custom code unless you pass "
+                         "--trust-remote-code (read that code first); the export never copies it")
+    if COUNTS_KEY in raw:
+        raise UsageError(f"{src} is already a non-uniform evoreap export; prune the original model instead")
+    return raw
+
+
+def _expert_count_keys(config: Any, key: str) -> set[str]:
+    """``key`` and its aliases through the config class's attribute_map (e.g. num_local_experts/n_routed_experts)."""
+    names = {key}
+    amap = getattr(type(config), "attribute_map", {}) or {}
+    for _ in range(2):
+        names |= {b for a, b in amap.items() if a in names} | {a for a, b in amap.items() if b in names}
+    return names
+
+
+def new_config(raw: dict[str, Any], config: Any, adapter: MoEAdapter, plan: ExportPlan) -> dict[str, Any]:
+    """The exported config.json: stock with the new count (uniform), or per-layer counts + auto_map (non-uniform)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = json.loads(json.dumps(raw))
+    target = out["text_config"] if "text_config" in out and adapter.config is not config else out
+    counts = plan.counts
+    width = max(counts.values()) if counts else adapter.num_experts
+    keys = _expert_count_keys(adapter.config, adapter.spec.num_experts_key) & set(target)
+    for k in keys or {getattr(type(adapter.config), "attribute_map", {}).get(adapter.spec.num_experts_key,
+                                                                             adapter.spec.num_experts_key)}:
+        target[k] = width
+    out.pop("auto_map", None)
+    if plan.uniform:
+        # the class name from the name table: importing the modeling code would cost seconds and 100 MB
+        stock = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        if stock:
+            out["architectures"] = [stock]
+    else:
+        target[COUNTS_KEY] = {str(layer): n for layer, n in sorted(counts.items())}
+        out["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}
+        out["architectures"] = [REMOTE_CLASS]
+    return out
+
+
+def render_modeling(adapter: MoEAdapter) -> str:
+    """evoreap's own modeling template with this architecture's model type and attribute names filled in."""
+    text = _TEMPLATE.read_text(encoding="utf-8")
+    values = {"MODEL_TYPE": adapter.config.model_type, "ROUTER_ATTR": adapter.spec.router_attr,
+              "EXPERTS_ATTR": adapter.spec.experts_attr}
+    for name, value in values.items():
+        text, n = re.subn(rf'^{name} = "[^"\n]*"  # evoreap: set at export$', f"{name} = {json.dumps(value)}",
+                          text, flags=re.M)
+        if n != 1:
+            raise RuntimeError(f"modeling template has {n} lines setting {name}; expected one")
+    return text
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose a new path")
+
+
+def plan_export(src: str | Path, kept: dict[int, list[int]], *, trust_remote_code: bool = False
+                ) -> tuple[MoEAdapter, ExportPlan]:
+    """Validate ``kept`` against the model in ``src`` and plan every tensor; reads only headers and config."""
+    from evoreap.models import load_config
+
+    src = Path(src)
+    read_source_config(src, trust_remote_code)
+    adapter = MoEAdapter(load_config(str(src), trust_remote_code=trust_remote_code))
+    return adapter, build_plan(CheckpointIndex(src), adapter, kept)
+
+
+def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], *, meta: dict[str, Any] | None = None,
+                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                  trust_remote_code: bool = False) -> ExportResult:
+    """Write the model in ``src`` with only the ``kept`` experts to ``out``.
+
+    Args:
+        src: local model directory with safetensors weights and config.json.
+        out: output directory; it appears (by rename) only once everything is written.
+        kept: MoE decoder-layer index -> ascending original expert indices to keep (absent layers keep all).
+        meta: provenance for evoreap.json and the model card: ``base_model``, ``command``, ``criterion``,
+            ``observation_key``, ``budget``, ``proxy``, ``allocation_meta`` (other keys are kept under "extra").
+        overwrite: replace a non-empty ``out`` (only after the new export is complete).
+        max_shard_bytes: largest output shard.
+        progress: show a tqdm bar over the bytes written.
+        trust_remote_code: accept a source folder with custom code (which is still never copied).
+    """
+    from evoreap.models import load_config
+
+    t0 = time.perf_counter()
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().absolute()
+    if not src.is_dir():
+        raise UsageError(f"model directory {src} does not exist")
+    if out == src or src in out.parents or out in src.parents:
+        raise UsageError(f"--out {out} must not be the model directory, inside it, or contain it")
+    _check_out(out, overwrite)
+    raw = read_source_config(src, trust_remote_code)
+    config = load_config(str(src), trust_remote_code=trust_remote_code)
+    adapter = MoEAdapter(config)
+    plan = build_plan(CheckpointIndex(src), adapter, kept)
+    meta = {"base_model": str(src), **(meta or {})}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))
+    if stale:  # a killed export leaves its hidden temp dir; it never looks like a finished export
+        log.warning("%s holds leftovers of interrupted exports (%s); delete them once no export is running",
+                    out.parent, ", ".join(stale))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export should get the usual permissions
+        write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_shard_bytes, progress=progress)
+        cfg = new_config(raw, config, adapter, plan)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        if not plan.uniform:
+            (tmp / MODELING_FILE).write_text(render_modeling(adapter), encoding="utf-8")
+        for name in AUX_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        elements_before = sum(t.source.numel for t in plan.tensors) + sum(t.numel for t in plan.dropped)
+        elements_after = sum(_numel(t.shape) for t in plan.tensors)
+        record = export_record(architecture=adapter.name, model_type=adapter.config.model_type,
+                               num_experts=adapter.num_experts, kept=plan.kept, uniform=plan.uniform,
+                               params={"before": elements_before, "after": elements_after}, meta=meta)
+        (tmp / "evoreap.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(record), encoding="utf-8")
+        _check_written_config(tmp, adapter, plan)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = ExportResult(out, plan.uniform, plan.counts, plan.kept, tuple(sorted(p.name for p in out.iterdir())),
+                          len(plan.tensors), len(plan.dropped), plan.bytes_before, plan.bytes_after,
+                          elements_before, elements_after, time.perf_counter() - t0)
+    log.info("exported %s -> %s: %s, %d tensors (%d dropped), %.1f MB -> %.1f MB in %.1f s", src, out,
+             "uniform" if plan.uniform else "non-uniform", result.tensors_written, result.tensors_dropped,
+             plan.bytes_before / 1e6, plan.bytes_after / 1e6, result.seconds)
+    return result
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_written_config(tmp: Path, adapter: MoEAdapter, plan: ExportPlan) -> None:
+    """Read the new config back as transformers will (no remote code) and check the expert counts it implies."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(tmp))
+    got = MoEAdapter(cfg)
+    if plan.uniform and plan.counts and got.num_experts != next(iter(plan.counts.values())):
+        raise EvoreapError(f"the exported config reads back with {got.num_experts} experts instead of "
+                           f"{next(iter(plan.counts.values()))}; please report this")
+    if not plan.uniform:
+        per_layer = {int(k): v for k, v in getattr(got.config, COUNTS_KEY).items()}
+        if per_layer != plan.counts:
+            raise EvoreapError("the exported config does not read back with the planned per-layer counts")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed last."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        _check_out(out, overwrite)  # it may have appeared while we wrote
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "prev")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "prev", out)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(tmp, out)
