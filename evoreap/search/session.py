@@ -70,6 +70,7 @@ class SearchSession:
         loaded = load_model(args.model, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code)
         tok = loaded.tokenizer
+        overlaps = _guard_overlap(args, tok)
         calib = load_tokens(args.calib_data, tok, split="calibration", seq_len=args.seq_len, tokens=args.calib_tokens,
                             seed=args.seed)
         # a row of L tokens scores L-1 next-token positions: load enough rows for the top fidelity
@@ -77,7 +78,6 @@ class SearchSession:
                              samples=-(-settings.fidelities[-1] // max(args.seq_len - 1, 1)))
         heldout = load_tokens(args.heldout_data, tok, split="heldout", seq_len=args.seq_len,
                               tokens=args.heldout_tokens, seed=args.seed)
-        _guard_overlap(args, calib, search, heldout)
         if weights:
             unknown = sorted(set(weights) - set(search.domains))
             if unknown:
@@ -119,7 +119,7 @@ class SearchSession:
                                     load_if_exists=True)
         if not args.worker:
             study.set_user_attr("space", space.describe())
-            run.environment({"observation_key": key, "storage": storage_url, "data": {
+            run.environment({"observation_key": key, "storage": storage_url, "allowed_overlaps": overlaps, "data": {
                 "calibration": calib.file_hashes, "search": search.file_hashes, "heldout": heldout.file_hashes}})
         log.info("set-up: %s, %d MoE layers x %d experts, budget %s -> %d experts kept (uniform %s), run %s (%.1fs)",
                  adapter.name, len(space.layers), adapter.num_experts, space.budget.described, space.total,
@@ -212,7 +212,8 @@ class SearchSession:
                 "criterion": self.args.criterion, "min_count": self.args.min_count, "proxy": self.args.proxy,
                 "proxy_weights": self.weights, "search_value": result["best_value"],
                 "uniform_search_value": result["uniform_value"], "heldout": table["searched"]["values"],
-                "observation_key": self.observation_key, "model": self.loaded.path, "run": str(self.run.path)}
+                "observation_key": self.observation_key, "model": self.loaded.path, "run": str(self.run.path),
+                "calibration_data": self.args.calib_data, "search_data": self.args.data}
         alloc = Allocation(space.layers, best, meta)
         data = alloc.to_json(adapter)
         data["experts"] = {str(layer): idx for layer, idx in kept.items()}
@@ -295,13 +296,12 @@ def _model_fp(model: torch.nn.Module) -> str:
     return model_fingerprint(model)
 
 
-def _guard_overlap(args: argparse.Namespace, calib: TokenData, search: TokenData, heldout: TokenData) -> None:
-    try:
-        from evoreap.data.guard import check_overlap
-    except ImportError:
-        return
-    check_overlap({"calibration": args.calib_data, "search": args.data, "heldout": args.heldout_data},
-                  allow=args.allow_overlap)
+def _guard_overlap(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
+    from evoreap.data.guard import check_overlap
+
+    found = check_overlap({"calibration": (args.calib_data, "calibration"), "search": (args.data, "search"),
+                           "heldout": (args.heldout_data, "heldout")}, tokenizer=tokenizer, allow=args.allow_overlap)
+    return [asdict(o) | {"fraction": o.fraction} for o in found]
 
 
 def _jsonable(x: Any) -> Any:

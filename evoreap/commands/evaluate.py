@@ -1,0 +1,185 @@
+"""``evoreap evaluate``: a pruned model (masked allocation or exported directory) against the unpruned one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from evoreap.commands.common import add_model_arguments, add_runtime_arguments
+from evoreap.errors import EvoreapError, UsageError
+
+NAME = "evaluate"
+HELP = "held-out NLL/perplexity, KL, ESAP, top-1 agreement and generations of a pruned model vs the unpruned one"
+EXAMPLE = "evoreap evaluate --allocation runs/demo-half/best_allocation.json --data demo --json"
+
+log = logging.getLogger("evoreap.evaluate")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_runtime_arguments(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--allocation", help="allocation JSON (best_allocation.json of a search, or your own)")
+    what.add_argument("--pruned", help="a directory written by evoreap export")
+    p.add_argument("--data", default="demo", help="evaluation data spec (split 'heldout' for bundled domains)")
+    p.add_argument("--tokens", type=int, default=32768, help="evaluation tokens")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--reference-top-k", type=int, default=64, help="top-K log-probs kept of the unpruned model")
+    p.add_argument("--criterion", default=None, help="criterion choosing experts when the allocation lists none")
+    p.add_argument("--observation", default=None, help="observation key for --criterion")
+    p.add_argument("--cache-dir", default=None, help="observation/reference cache")
+    p.add_argument("--generate", type=int, default=32, help="greedy tokens generated per domain prompt (0: none)")
+    p.add_argument("--allow-overlap", action="store_true", help="evaluate even on data the pruning was fitted to")
+    p.add_argument("--lm-eval", default=None, help="also run lm-eval-harness tasks (needs the lm-eval package)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def _pruning_meta(args: argparse.Namespace) -> dict:
+    if args.allocation:
+        p = Path(args.allocation)
+        if not p.is_file():
+            raise UsageError(f"allocation file {args.allocation} does not exist")
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"allocation file {args.allocation} is not valid JSON ({e})") from None
+    info = Path(args.pruned) / "evoreap.json"
+    if not info.is_file():
+        raise UsageError(f"{args.pruned} has no evoreap.json; pass a directory written by evoreap export")
+    return json.loads(info.read_text())
+
+
+def _candidate(args, loaded, data_meta):
+    from evoreap.adapters import MoEAdapter
+    from evoreap.evaluation import Candidate
+
+    if args.allocation:
+        from evoreap.allocation import Allocation, keep_masks
+
+        alloc = Allocation.from_json(data_meta, args.allocation).validate(loaded.adapter)
+        experts = data_meta.get("experts")
+        if experts:
+            import torch
+
+            masks = {}
+            for layer, idx in experts.items():
+                if len(idx) < loaded.adapter.num_experts:
+                    m = torch.zeros(loaded.adapter.num_experts, dtype=torch.bool)
+                    m[idx] = True
+                    masks[int(layer)] = m
+        else:
+            from evoreap.criteria import score_experts
+            from evoreap.observe.store import load_observation
+
+            key = args.observation or alloc.meta.get("observation_key")
+            criterion = args.criterion or alloc.meta.get("criterion")
+            if not key or not criterion:
+                raise UsageError("the allocation lists no experts; pass --observation KEY and --criterion NAME")
+            obs = load_observation(key, cache_dir=args.cache_dir)
+            masks = keep_masks(loaded.adapter, alloc, score_experts(obs.stats, criterion))
+        return Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
+    from evoreap.models import load_model
+
+    pruned = load_model(args.pruned, dtype=args.dtype, device=args.device,
+                        trust_remote_code=_trusted_export(Path(args.pruned), args.trust_remote_code))
+    return Candidate("pruned (exported)", pruned.model, MoEAdapter.for_model(pruned.model))
+
+
+def _trusted_export(path: Path, trust: bool) -> bool:
+    """A non-uniform export carries modeling_evoreap.py; it may run without --trust-remote-code only if it is
+    byte for byte the code this evoreap version writes."""
+    code = path / "modeling_evoreap.py"
+    if not code.exists():
+        return trust
+    from evoreap.adapters import MoEAdapter
+    from evoreap.export import render_modeling
+    cfg = json.loads((path / "config.json").read_text())
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+        expected = render_modeling(MoEAdapter(config))
+    except Exception as e:  # an unknown or damaged export is not ours to trust
+        raise EvoreapError(f"cannot verify {code}: {e}; pass --trust-remote-code after reading it") from None
+    if code.read_text() == expected:
+        return True
+    if not trust:
+        raise UsageError(f"{code} is not the modeling code this evoreap writes; read it, then pass "
+                         "--trust-remote-code to run it")
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    from evoreap.data import load_tokens
+    from evoreap.data.guard import check_overlap
+    from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
+    from evoreap.models import load_model
+    from evoreap.reference import reference_cached
+
+    meta_file = _pruning_meta(args)
+    meta = meta_file.get("meta", meta_file)
+    fitted = {role: (meta[key], split) for role, key, split in
+              (("calibration", "calibration_data", "calibration"), ("search", "search_data", "search"))
+              if meta.get(key)}
+    if fitted:
+        check_overlap({**fitted, "evaluation": (args.data, "heldout")}, allow=args.allow_overlap)
+    loaded = load_model(args.model or meta.get("model"), dtype=args.dtype, device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+    data = load_tokens(args.data, loaded.tokenizer, split="heldout", seq_len=args.seq_len, tokens=args.tokens,
+                       seed=args.seed)
+    reference = reference_cached(loaded.model, data, top_k=args.reference_top_k, cache_dir=args.cache_dir,
+                                 batch_size=args.batch_size)
+    full = Candidate("unpruned", loaded.model, loaded.adapter)
+    cand = _candidate(args, loaded, meta_file)
+    rows = {c.name: as_row(score(c, data, reference, args.batch_size)) for c in (full, cand)}
+    gens = {}
+    if args.generate > 0:
+        for domain, prompt in prompts_for(data, loaded.tokenizer).items():
+            gens[domain] = {"prompt": prompt, **{c.name: generate(c, loaded.tokenizer, prompt, args.generate)
+                                                 for c in (full, cand)}}
+    report = {"model": loaded.path, "data": args.data, "tokens": data.num_tokens, "results": rows,
+              "generations": gens}
+    if args.lm_eval:
+        report["lm_eval"] = _lm_eval(cand, loaded.tokenizer, args.lm_eval)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    _print(report)
+    return 0
+
+
+def _lm_eval(cand, tokenizer, tasks: str) -> dict:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise UsageError("--lm-eval needs the lm-eval package: pip install lm-eval") from None
+    from evoreap.masking import masked
+
+    with masked(cand.model, cand.adapter, cand.masks or {}):
+        out = lm_eval.simple_evaluate(model=HFLM(pretrained=cand.model, tokenizer=tokenizer),
+                                      tasks=[t.strip() for t in tasks.split(",") if t.strip()])
+    return out.get("results", {})
+
+
+def _print(report: dict) -> None:
+    names = list(report["results"])
+    print(f"model {report['model']}, data {report['data']}, {report['tokens']:,} tokens")
+    print(f"{'':18s}" + "".join(f"{n:>34s}" for n in names))
+    header = f"{'domain':18s}" + "".join(f"{'NLL':>7s}{'PPL':>8s}{'KL':>7s}{'ESAP':>6s}{'top1':>6s}" for _ in names)
+    print(header)
+    domains = ["overall", *report["results"][names[0]]["per_domain"]]
+    for d in domains:
+        line = f"{d:18s}"
+        for n in names:
+            r = report["results"][n]
+            v = r["overall"] if d == "overall" else r["per_domain"][d]
+            line += f"{v['nll']:7.3f}{v['ppl']:8.1f}{v['kl']:7.3f}{v['esap']:6.3f}{v['top1']:6.3f}"
+        print(line)
+    for domain, g in report["generations"].items():
+        print(f"\n[{domain}] prompt: {g['prompt']!r}")
+        for n in names:
+            print(f"  {n:18s} {g[n]!r}")
