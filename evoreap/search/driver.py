@@ -120,6 +120,7 @@ class Leader:
         self.history: list[dict[str, Any]] = []
         self.correlations: list[dict[str, Any]] = []
         self.tokens_spent = 0
+        self._counted: set[str] = set()
 
     # -- scoring through the study ----------------------------------------------------------------------------------
     def score_many(self, requests: list[tuple[Alloc, int, dict[str, Any]]]) -> list[float]:
@@ -147,7 +148,10 @@ class Leader:
                     enqueue(self.study, params_of(self.space, counts), {**attrs, "key": keys[i], "tokens": tokens})
             time.sleep(self.poll)
         values = [float(done[k].value) for k in keys]
-        for (counts, tokens, attrs), value in zip(requests, values):
+        for (counts, tokens, attrs), value, key in zip(requests, values, keys):
+            if key in self._counted:  # asked again (equal fidelities): no new tokens were scored
+                continue
+            self._counted.add(key)
             self.tokens_spent += tokens
             self.history.append({"counts": list(counts), "tokens": tokens, "value": value,
                                  "stage": attrs.get("stage"), "generation": attrs.get("generation"),
