@@ -103,3 +103,15 @@ def test_two_workers_lose_and_duplicate_no_trial(small_model_dir, tmp_path, caps
     assert len(keys) == len(set(keys)) == len(json.loads((run / "history.json").read_text())["history"])
     multi = json.loads((run / "result.json").read_text())
     assert multi["best"] == single["best"]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_optuna_samplers_over_the_repaired_encoding(small_model_dir, tmp_path, sampler):
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    assert search(small_model_dir, runs, cache, "--budget", "0.5", "--run", sampler, "--no-plots",
+                  "--sampler", sampler) == 0
+    best = json.loads((runs / sampler / "best_allocation.json").read_text())
+    assert sum(best["layers"].values()) == 16
+    result = json.loads((runs / sampler / "result.json").read_text())
+    assert result["best_value"] <= result["uniform_value"]
+    assert trials(runs / sampler) == 2 * (4 // 2 + 1)  # generations x (offspring / 2 + 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,9 @@ def optuna_sampler_search(study: optuna.Study, space: SearchSpace, scorer: Score
     while len([t for t in study.trials if t.state.is_finished()]) < budget:
         if limits.reached(len(history), spent):
             break
-        trial = study.ask()
+        with warnings.catch_warnings():  # we drive trials with ask/tell on purpose; heartbeats still record
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
         counts = decode(space, [trial.suggest_float(n, 0.0, 1.0) for n in names])
         trial.set_user_attr("counts", list(counts))
         trial.set_user_attr("key", candidate_key(counts, top))
