@@ -89,12 +89,15 @@ class Allocation:
                              '"layers" mapping like {"layers": {"0": 16, "1": 12}}')
         pairs = []
         for k, v in data["layers"].items():
-            if not str(k).isdigit() or isinstance(v, bool) or not isinstance(v, int):
+            if not (str(k).isascii() and str(k).isdigit()) or isinstance(v, bool) or not isinstance(v, int):
                 raise UsageError(f"{where}: layer {k!r} -> {v!r} is not a layer index mapped to a whole count")
             if v < 0:
                 raise UsageError(f"{where}: layer {k} has a negative keep count ({v})")
             pairs.append((int(k), v))
         pairs.sort()
+        if len({p[0] for p in pairs}) != len(pairs):  # "1" and "01" name the same layer
+            raise UsageError(f"{where}: a layer is named twice ({', '.join(map(repr, data['layers']))}); give each "
+                             "layer index once")
         return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), dict(data.get("meta") or {}))
 
     def save(self, path: str | Path, adapter: MoEAdapter | None = None) -> None:

@@ -88,13 +88,30 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     path = resolve_model(name)
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
+    from safetensors import SafetensorError
+
+    def load(**kwargs):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), output_loading_info=True,
+                                                    trust_remote_code=trust_remote_code, **kwargs)
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, RuntimeError, ValueError) as e:
+        try:
+            model, info = load()
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            model, info = load(ignore_mismatched_sizes=True)  # only to name the mismatched tensors below
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvoreapError(f"cannot load the weights of {path}: {first}; check that the safetensors files are "
                            "complete and match config.json") from None
+    # transformers only warns about weights that are missing or of another shape and initialises them at random;
+    # pruning a half-random model would give meaningless results, so refuse it
+    bad = [*sorted(f"{k if isinstance(k, str) else k[0]} (shape differs)" for k in info.get("mismatched_keys") or ()),
+           *sorted(f"{k} (missing)" for k in info.get("missing_keys") or ())]
+    if bad:
+        raise EvoreapError(f"cannot load the weights of {path}: {len(bad)} tensor(s) do not match config.json, e.g. "
+                           f"{bad[0]}; check that the safetensors files are complete and match config.json")
     model.to(device).eval()
     log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
              len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)

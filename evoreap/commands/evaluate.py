@@ -79,6 +79,7 @@ def _candidate(args, loaded, data_meta):
             if not key or not criterion:
                 raise UsageError("the allocation lists no experts; pass --observation KEY and --criterion NAME")
             obs = load_observation(key, cache_dir=args.cache_dir)
+            _check_routers(obs, loaded)
             masks = keep_masks(loaded.adapter, alloc, score_experts(obs.stats, criterion))
         return Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
     from evoreap.models import load_model
@@ -86,6 +87,17 @@ def _candidate(args, loaded, data_meta):
     pruned = load_model(args.pruned, dtype=args.dtype, device=args.device,
                         trust_remote_code=_trusted_export(Path(args.pruned), args.trust_remote_code))
     return Candidate("pruned (exported)", pruned.model, MoEAdapter.for_model(pruned.model))
+
+
+def _check_routers(obs, loaded) -> None:
+    """Refuse an observation recorded on other router weights: its scores would rank another model's experts."""
+    from evoreap.observe.store import router_hash, router_tensors
+
+    model = obs.manifest.get("model") or {}
+    want = (model.get("fingerprint") or {}).get("router_sha256")
+    if want and router_hash(router_tensors(loaded.model, loaded.adapter)) != want:
+        raise UsageError(f"observation {obs.key[:12]} was recorded on a model with other router weights "
+                         f"({model.get('path')}), not {loaded.path}; observe this model or pass its observation")
 
 
 def _trusted_export(path: Path, trust: bool) -> bool:
@@ -128,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
         check_overlap({**fitted, "evaluation": (args.data, "heldout")}, allow=args.allow_overlap)
     loaded = load_model(args.model or meta.get("model"), dtype=args.dtype, device=args.device,
                         trust_remote_code=args.trust_remote_code)
+    cand = _candidate(args, loaded, meta_file)  # a bad allocation fails before any reference is computed and cached
     data = load_tokens(args.data, loaded.tokenizer, split="heldout", seq_len=args.seq_len, tokens=args.tokens,
                        seed=args.seed)
     reference = reference_cached(loaded.model, data, top_k=args.reference_top_k, cache_dir=args.cache_dir,
                                  batch_size=args.batch_size)
     full = Candidate("unpruned", loaded.model, loaded.adapter)
-    cand = _candidate(args, loaded, meta_file)
     rows = {c.name: as_row(score(c, data, reference, args.batch_size)) for c in (full, cand)}
     gens = {}
     if args.generate > 0:

@@ -69,8 +69,9 @@ def _explicit_experts(data: dict[str, Any], allocation: Allocation, num_experts:
         raise UsageError(f'{where}: "experts" must map layer indices to lists of kept expert indices')
     out = {}
     for k, v in experts.items():
-        if not str(k).isdigit() or not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                                        for i in v):
+        index = str(k).isascii() and str(k).isdigit()
+        if not index or not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in v):
             raise UsageError(f"{where}: experts[{k!r}] must be a list of expert indices")
         out[int(k)] = v
     counts = allocation.as_dict()
@@ -181,6 +182,19 @@ def print_plan(adapter, plan, max_shard: int) -> None:
     print(f"loads with        {loads}")
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be created before any weight is read (a file on its path, no write access)."""
+    import os
+
+    parent = Path(out).expanduser().absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if parent != Path(out).expanduser().absolute() and not parent.is_dir():
+        raise UsageError(f"cannot create --out {out}: {parent} is a file, not a directory; choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent} (no write permission); choose a writable --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from evoreap.adapters import MoEAdapter
     from evoreap.export import export_pruned, plan_export
@@ -192,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"export reads safetensors files from a local directory, and {src} is not one; download the "
                          "model first (e.g. hf download ID --local-dir DIR) and pass --model DIR")
     max_shard = parse_size(args.max_shard_size)
+    _check_writable(args.out)
     read_source_config(Path(src), args.trust_remote_code)  # refuse custom code before running any of it
     adapter = MoEAdapter(load_config(src, trust_remote_code=args.trust_remote_code))
     kept, allocation, meta = resolve_kept(args, src, adapter)

@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///RUN/study.db); "
                                                    "postgresql://... or journal:///path.log for many workers")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    r.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--worker", action="store_true",
+                   help="only score queued trials of the run (start on other machines with the same --storage)")
     r.add_argument("--cache-dir", default=None, help="observation/reference cache (default $EVOREAP_CACHE or "
                                                      "~/.cache/evoreap)")
     r.add_argument("--export", default=None, help="export the best allocation to this directory")
@@ -92,6 +93,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.storage and not args.worker:  # a bad URL or an unreachable database fails before any work: no run left
+        from evoreap.search.storage import open_storage
+
+        open_storage(args.storage)
+    if args.worker:
+        _exit_with_leader()
     session = SearchSession.prepare(args)
     if args.worker:
         session.work()
@@ -100,26 +107,66 @@ def run(args: argparse.Namespace) -> int:
     try:
         session.lead()
     finally:
-        for proc in procs:
-            proc.wait()
+        _stop_workers(procs)
     return 0
 
 
+def _stop_workers(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """The study is marked done: workers end on their own within a poll; one still starting up (importing torch
+    can take longer than a small search) has no trial and is terminated instead of waited for."""
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+
+
+LEADER_ENV = "EVOREAP_LEADER_PID"
+
+
+def _exit_with_leader() -> None:
+    """A worker spawned by a local leader (``--workers N``) ends when that leader is gone, even if it was killed
+    before it could mark the study done; its unfinished trial is then failed and re-queued by the next leader."""
+    import threading
+
+    leader = os.environ.get(LEADER_ENV)
+    if not leader or leader != str(os.getppid()):  # started by hand (another machine): runs until the study is done
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(leader):
+            time.sleep(1.0)
+        log.warning("the leader (pid %s) is gone; this worker stops", leader)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="evoreap-leader-watch", daemon=True).start()
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The parsed options as command-line words (not ``sys.argv``: ``main([...])`` may be called in-process)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    argv = ["search"]
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("workers", "worker", "run", "storage"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return argv
+
+
 def _spawn_workers(args: argparse.Namespace, session) -> list[subprocess.Popen]:
-    argv, skip = [], False
-    for a in sys.argv[1:] if sys.argv[1:2] == ["search"] else ["search"]:
-        if skip:
-            skip = False
-        elif a == "--workers":
-            skip = True
-        elif not a.startswith("--workers="):
-            argv.append(a)
-    if "--run" not in argv:
-        argv += ["--run", session.run.path.name]
-    if "--storage" not in argv:
-        argv += ["--storage", session.storage_url]
+    argv = _worker_argv(args) + ["--run", session.run.path.name, "--storage", session.storage_url]
     cmd = [sys.executable, "-m", "evoreap.cli", *argv, "--worker", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LEADER_ENV: str(os.getpid())}
     log.info("starting %d worker processes", args.workers - 1)
     procs = []
     for i in range(args.workers - 1):

@@ -93,5 +93,7 @@ def parse_data_spec(spec: str, default_split: str) -> list[DataSource]:
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise UsageError(f"--data names a source twice ({', '.join(names)}); give each once with a weight")
-    total = sum(s.weight for s in sources)
+    top = max(s.weight for s in sources)  # scale first: huge weights must not sum to inf
+    total = sum(s.weight / top for s in sources)
+    sources = [DataSource(s.name, s.kind, s.location, s.split, s.weight / top) for s in sources]
     return [DataSource(s.name, s.kind, s.location, s.split, s.weight / total) for s in sources]

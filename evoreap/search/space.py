@@ -43,18 +43,19 @@ class SpaceSettings:
         if not isinstance(data, dict):
             raise UsageError(f"{where}: a search space is a YAML mapping of settings, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(repr, set(data) - known))  # YAML keys may be numbers or hold newlines
         if unknown:
             raise UsageError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         s = cls(**data)
         checks = [
             (isinstance(s.min_keep_fraction, (int, float)) and 0 <= s.min_keep_fraction <= 1,
              "min_keep_fraction must be a number in [0, 1]"),
-            (s.min_keep is None or isinstance(s.min_keep, int) and s.min_keep >= 1, "min_keep must be a whole >= 1"),
-            (s.max_keep is None or isinstance(s.max_keep, int) and s.max_keep >= 1, "max_keep must be a whole >= 1"),
+            (s.min_keep is None or _whole(s.min_keep) and s.min_keep >= 1, "min_keep must be a whole >= 1"),
+            (s.max_keep is None or _whole(s.max_keep) and s.max_keep >= 1, "max_keep must be a whole >= 1"),
             (isinstance(s.step, int) and not isinstance(s.step, bool) and s.step >= 1, "step must be a whole >= 1"),
-            (s.max_deviation is None or isinstance(s.max_deviation, (int, float)) and s.max_deviation >= 0,
-             "max_deviation must be a fraction >= 0 or null"),
+            (s.max_deviation is None or isinstance(s.max_deviation, (int, float)) and not isinstance(
+                s.max_deviation, bool) and math.isfinite(s.max_deviation) and s.max_deviation >= 0,
+             "max_deviation must be a finite fraction >= 0 or null"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -188,6 +189,10 @@ class SearchSpace:
         return {"layers": list(self.layers), "lower": list(self.lower), "upper": list(self.upper), "step": self.step,
                 "total_experts_kept": self.total, "budget_params": self.budget.params,
                 "budget": self.budget.described, "uniform": list(self.uniform)}
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _round_up(x: int, step: int) -> int:
