@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from evoreap.search import evolution
 from evoreap.search.space import SearchSpace
-from evoreap.search.storage import enqueue, fail_dead_trials, pop_waiting, trials_by_key
+from evoreap.search.storage import enqueue, fail_dead_trials, heartbeat, pop_waiting, trials_by_key
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def score_trial(study: optuna.Study, trial: optuna.trial.Trial, space: SearchSpa
                        for layer, lo, hi in zip(space.layers, space.lower, space.upper))
         tokens = int(trial.user_attrs["tokens"])
         trial.set_constraint("budget", float(space.routed_params(counts) - space.budget.params))
-        value, attrs = scorer(counts, tokens)
+        with heartbeat(study, trial._trial_id):  # so that a leader can tell this trial from a dead one
+            value, attrs = scorer(counts, tokens)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
     except BaseException:
@@ -127,8 +128,11 @@ class Leader:
         """Scores for ``(counts, tokens, attrs)`` requests: from the study where present, else enqueued and scored
         here (and by any workers) before returning."""
         keys = [candidate_key(c, n) for c, n, _ in requests]
-        done = trials_by_key(self.study, (TrialState.COMPLETE,))
+        # Read the unfinished trials before the finished ones: states only move WAITING -> RUNNING -> COMPLETE/FAIL,
+        # so a trial that a worker finishes between the two reads is seen in one of them, never in neither (which
+        # would enqueue a duplicate).
         pending = trials_by_key(self.study, (TrialState.WAITING, TrialState.RUNNING))
+        done = trials_by_key(self.study, (TrialState.COMPLETE,))
         for (counts, tokens, attrs), key in zip(requests, keys):
             if key not in done and key not in pending:
                 enqueue(self.study, params_of(self.space, counts), {**attrs, "key": key, "tokens": tokens})
@@ -141,8 +145,9 @@ class Leader:
                 break
             fail_dead_trials(self.study)
             alive = trials_by_key(self.study, (TrialState.WAITING, TrialState.RUNNING))
+            done = trials_by_key(self.study, (TrialState.COMPLETE,))  # after `alive`, as above
             for i in missing:  # a failed trial (dead worker, crash) is asked for again
-                if keys[i] not in alive:
+                if keys[i] not in alive and keys[i] not in done:
                     counts, tokens, attrs = requests[i]
                     log.warning("re-queueing %s after a failed trial", keys[i])
                     enqueue(self.study, params_of(self.space, counts), {**attrs, "key": keys[i], "tokens": tokens})

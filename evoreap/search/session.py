@@ -18,7 +18,7 @@ from evoreap.data import TokenData, load_tokens
 from evoreap.models import LoadedModel, load_model
 from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
 from evoreap.search.evolution import layer_mass_curves
-from evoreap.search.run import RunDir, default_run_name, find_unfinished
+from evoreap.search.run import RunDir, default_run_name, find_unfinished, identity_hash
 from evoreap.search.space import Budget, SearchSpace, load_space_settings
 from evoreap.search.storage import fail_dead_trials, open_storage
 
@@ -115,11 +115,14 @@ class SearchSession:
             reference = reference_cached(loaded.model, search, top_k=args.reference_top_k, cache_dir=args.cache_dir,
                                          batch_size=args.batch_size, progress=not args.worker)
         storage = open_storage(storage_url)
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="minimize",
+        # One study per run and settings: runs sharing a --storage URL never see each other's trials. The model's
+        # path is left out so that workers on other machines (other paths, same weights) join the same study.
+        study_name = f"{STUDY_NAME}-{run.path.name}-" + identity_hash({k: v for k, v in identity.items() if k != "model"})
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                     load_if_exists=True)
         if not args.worker:
             study.set_user_attr("space", space.describe())
-            run.environment({"observation_key": key, "storage": storage_url, "allowed_overlaps": overlaps, "data": {
+            run.environment({"observation_key": key, "storage": storage_url, "study": study.study_name, "allowed_overlaps": overlaps, "data": {
                 "calibration": calib.file_hashes, "search": search.file_hashes, "heldout": heldout.file_hashes}})
         log.info("set-up: %s, %d MoE layers x %d experts, budget %s -> %d experts kept (uniform %s), run %s (%.1fs)",
                  adapter.name, len(space.layers), adapter.num_experts, space.budget.described, space.total,
@@ -148,7 +151,7 @@ class SearchSession:
         while not self.study.user_attrs.get("done"):
             if work_queue(self.study, self.space, self.scorer) == 0:
                 time.sleep(0.3)
-            self.study = optuna.load_study(study_name=STUDY_NAME, storage=self.study._storage)
+            self.study = optuna.load_study(study_name=self.study.study_name, storage=self.study._storage)
 
     def lead(self) -> dict[str, Any]:
         from tqdm.auto import tqdm

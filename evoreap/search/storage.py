@@ -5,13 +5,22 @@ Every scored candidate is one Optuna trial: params ``k<layer>`` (keep counts), `
 ``generation``, ``origin``, ``values`` and ``per_domain``. The leader enqueues the trials it needs; any process
 (leader or worker) pops a WAITING trial, scores it and tells the result. Trials are owned by ``host:pid`` so that a
 restarted leader can fail trials whose process is gone at once instead of waiting for a heartbeat to expire.
+
+A trial being scored also beats: Optuna's own heartbeat on RDB storages (SQLite, PostgreSQL, MySQL), and a
+``evoreap:beat`` system attr (wall-clock seconds) on storages without one (journal files). A trial whose beat is
+older than the grace period is failed by the leader even when its owner ran on another machine; the leader then
+asks for it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -20,6 +29,9 @@ from optuna.trial import TrialState
 from evoreap.errors import UsageError
 
 OWNER_ATTR = "evoreap:owner"
+BEAT_ATTR = "evoreap:beat"
+HEARTBEAT_INTERVAL = 15  # seconds between beats of a running trial
+GRACE_PERIOD = 60  # a running trial whose last beat is older than this is taken for dead
 
 
 def owner_id() -> str:
@@ -43,7 +55,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5 but are what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=15, grace_period=60)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                          grace_period=GRACE_PERIOD)
     except Exception as e:  # sqlalchemy raises driver-specific errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot open storage {url}: {first}; check the URL and that the database is reachable") \
@@ -72,27 +85,88 @@ def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, owner_id())
+        _beat(storage, t._trial_id)
         return optuna.trial.Trial(study, t._trial_id)
     return None
 
 
-def fail_dead_trials(study: optuna.Study) -> int:
-    """Fail RUNNING trials whose owner process on this host is gone, and any whose heartbeat went stale."""
-    host = socket.gethostname()
-    failed = 0
+def _native_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(storage)
+
+
+def _beat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """One beat of a running trial; a trial finished meanwhile (told, or failed by a leader) is left alone."""
+    try:
+        if _native_heartbeat(storage):
+            storage.record_heartbeat(trial_id)
+        else:
+            storage.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial_id: int, interval: float | None = None) -> Iterator[None]:
+    """Beat for ``trial_id`` every ``interval`` seconds while the body runs (a daemon thread)."""
+    interval = HEARTBEAT_INTERVAL if interval is None else interval
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                _beat(study._storage, trial_id)
+            except Exception:  # a storage hiccup must not kill the scoring; the next beat tries again
+                pass
+
+    thread = threading.Thread(target=loop, name=f"evoreap-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fail_dead_trials(study: optuna.Study, grace: float | None = None) -> int:
+    """Fail RUNNING trials that nobody is scoring any more; returns how many were failed.
+
+    Call it only from a process that holds no trial (the leader between rounds). A trial is dead when its owner
+    is a process on this host that is gone, or this very process (a restarted leader that got the same pid, as in
+    containers), or when its beat is older than ``grace`` seconds (any host: Optuna's heartbeat on RDB storages,
+    the ``evoreap:beat`` attr elsewhere).
+    """
+    grace = GRACE_PERIOD if grace is None else grace
+    host, me = socket.gethostname(), owner_id()
+    storage = study._storage
+    native = _native_heartbeat(storage)
+    now = time.time()
+    dead = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER_ATTR, "")
         h, _, pid = owner.rpartition(":")
-        if h == host and pid.isdigit() and not _alive(int(pid)):
-            try:
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-                failed += 1
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
-    storage = study._storage
-    if callable(getattr(storage, "is_heartbeat_enabled", None)) and storage.is_heartbeat_enabled():
+        beat = t.system_attrs.get(BEAT_ATTR)
+        started = t.datetime_start.timestamp() if t.datetime_start else None
+        last = beat if isinstance(beat, (int, float)) else started  # killed before its first beat: its start
+        if owner == me or (h == host and pid.isdigit() and not _alive(int(pid))):
+            dead.append(t._trial_id)
+        elif (not owner or not native) and last is not None and now - last > grace:
+            dead.append(t._trial_id)  # (not owner: killed between claiming the trial and signing it)
+    failed = 0
+    for trial_id in dead:
         try:
-            optuna.storages.fail_stale_trials(study)
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed += 1
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    if native:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+                optuna.storages.fail_stale_trials(study)
+                failed += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
         except Exception:  # heartbeat bookkeeping must never stop the search
             pass
     return failed
@@ -105,7 +179,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed worker stays a zombie until its parent (the leader itself) reaps it: that is dead too
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def enqueue(study: optuna.Study, params: dict[str, int], attrs: dict[str, Any]) -> None:
