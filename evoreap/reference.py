@@ -1,6 +1,6 @@
 """The unpruned model's next-token distributions, computed once and cached on disk.
 
-Full-vocabulary logits do not fit anywhere for real models (64 x 4096 tokens x 152k vocab is ~80 GB in fp32), so
+Full-vocabulary logits do not fit anywhere for real models (64 x 4096 tokens x 152k vocab is ~160 GB in fp32), so
 a :class:`Reference` keeps, per scored position, only the top-K log-probabilities with their token ids, the log of
 the probability mass outside them (the *tail*), the log-probability of the actual next token and a validity flag.
 The proxies in :mod:`evoreap.proxies` compare a candidate against this coarsened distribution.
@@ -42,9 +42,6 @@ LOG_FLOOR = -1e4
 # Upper bound on one float32 log-prob chunk [B, positions, V], so a 150k vocabulary needs no full-logit copy.
 _CHUNK_ELEMENTS = 1 << 26
 _TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "valid")
-# Config keys that say where or when a model was loaded, not what it computes.
-_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset",
-                         "_experts_implementation", "_attn_implementation")
 
 
 # -- fingerprints -----------------------------------------------------------------------------------------------------
@@ -57,42 +54,42 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's config (minus load-location keys) and of every router's weights and biases.
+    """The observation store's model fingerprint (sha256 of the config minus load-location keys, and of every
+    router weight and bias; no tokenizer) plus the compute dtype, which changes the distributions.
 
-    Cached per model object and recomputed when a router tensor is modified in place (tensor version counter),
-    so calling it once per candidate evaluation is free.
+    Cached per model object and recomputed when a router tensor is replaced or modified in place (tensor version
+    counter), so calling it once per candidate evaluation is free.
     """
-    tensors = []
-    for layer in MoEAdapter.for_model(model).layers(model):
-        for name in ("weight", "bias", "e_score_correction_bias"):
-            t = getattr(layer.router, name, None)
-            if isinstance(t, torch.Tensor):
-                tensors.append(t)
-    versions = tuple((t.data_ptr(), t._version) for t in tensors)
+    from evoreap.observe.store import model_fingerprint as store_fingerprint
+    from evoreap.observe.store import router_tensors
+
+    adapter = MoEAdapter.for_model(model)
+    routers = router_tensors(model, adapter)
+    versions = tuple((name, t.data_ptr(), t._version) for name, t in routers.items())
     hit = _FINGERPRINTS.get(model)
     if hit is not None and hit[0] == versions:
         return hit[1]
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for t in tensors:
-        h.update(_tensor_bytes(t))
-    digest = h.hexdigest()
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    base = store_fingerprint(adapter.config, routers)["sha256"]
+    digest = hashlib.sha256(f"{base}:{dtype}".encode()).hexdigest()
     _FINGERPRINTS[model] = (versions, digest)
     return digest
 
 
 def data_fingerprint(data: TokenData) -> str:
-    """sha256 of exactly the token ids and attention mask, in row order."""
+    """sha256 of exactly the token ids and attention mask in row order (the reference is aligned to rows, so the
+    per-domain fingerprints of the observation store are not enough)."""
     h = hashlib.sha256()
     h.update(_tensor_bytes(data.input_ids.to(torch.int64)))
     h.update(_tensor_bytes(data.attention_mask.to(torch.bool)))
     return h.hexdigest()
 
 
-def cache_root() -> Path:
-    """``$EVOREAP_CACHE`` or ``~/.cache/evoreap`` (shared with the observation cache)."""
-    env = os.environ.get("EVOREAP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoreap"
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$EVOREAP_CACHE``, else ``~/.cache/evoreap`` (the observation cache's root)."""
+    from evoreap.observe.store import cache_root as store_root
+
+    return store_root(cache_dir)
 
 
 def reference_key(model_fp: str, data_fp: str, top_k: int) -> str:
@@ -271,9 +268,11 @@ def build_reference(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
                 target[rows, s:e] = logp.gather(-1, targets[:, s:e, None].long()).squeeze(-1).cpu()
             bar.update(ids.shape[0])
     bar.close()
+    from evoreap.observe.store import data_fingerprints
+
     return Reference(topk_lp, topk_ids, tail, target, scored_positions(data.attention_mask),
                      model_fingerprint(model), data_fingerprint(data), top_k, vocab, tuple(data.domains),
-                     dict(data.fingerprints))
+                     data_fingerprints(data))
 
 
 def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
@@ -282,7 +281,7 @@ def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64
 
     ``cache_dir`` is the cache root (default :func:`cache_root`); entries live under ``<root>/reference/<key>``.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    root = cache_root(cache_dir)
     key = reference_key(model_fingerprint(model), data_fingerprint(data), top_k)
     directory = root / "reference" / key
     if (directory / "manifest.json").is_file():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData

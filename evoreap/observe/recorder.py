@@ -49,7 +49,7 @@ class Recorder:
     """
 
     def __init__(self, adapter: MoEAdapter, layers: list[MoELayer], domains: tuple[str, ...] = (),
-                 initial: ExpertStats | None = None):
+                 initial: ExpertStats | None = None, device: torch.device | str | None = None):
         self.adapter = adapter
         self.domains = tuple(domains)
         self.num_domains = max(1, len(self.domains))
@@ -58,8 +58,14 @@ class Recorder:
         if initial is not None and (set(initial.layers) != {layer.index for layer in layers}
                                     or initial.domains != self.domains):
             raise ValueError("initial statistics do not match the observed layers or domains")
-        # Accumulate on each layer's device; copies so that `initial` is never modified.
-        self.acc = {f: {layer.index: getattr(start, f)[layer.index].to(layer.experts.down_proj.device, copy=True)
+        # Accumulate on each layer's device (or `device`); copies so that `initial` is never modified.
+        def where(layer: MoELayer) -> torch.device:
+            if device is not None:
+                return torch.device(device)
+            d = layer.experts.down_proj.device
+            return torch.device("cpu") if d.type == "meta" else d
+
+        self.acc = {f: {layer.index: getattr(start, f)[layer.index].to(where(layer), copy=True)
                         for layer in layers} for f in FIELDS}
         self.tokens = start.tokens
         self.domain_tokens = list(start.domain_tokens) or [0] * len(self.domains)
@@ -67,12 +73,16 @@ class Recorder:
         self._domain: torch.Tensor | None = None
 
     # -- per batch ------------------------------------------------------------------------------------------------
-    def begin_batch(self, attention_mask: torch.Tensor, domain_ids: torch.Tensor | None = None) -> None:
-        """Set the token mask ``[B, L]`` (and per-sequence domains ``[B]``) of the next forward."""
+    def begin_batch(self, attention_mask: torch.Tensor, domain_ids: torch.Tensor | None = None,
+                    count_tokens: bool = True) -> None:
+        """Set the token mask ``[B, L]`` (and per-sequence domains ``[B]``) of the next forward; ``count_tokens``
+        False when the same batch passes again through other layers (sequential mode)."""
         mask = attention_mask.reshape(attention_mask.shape[0], -1).bool()
         dom = (torch.zeros(mask.shape[0], dtype=torch.long) if domain_ids is None else domain_ids.long())
         self._mask = mask.reshape(-1)
         self._domain = dom.to(mask.device)[:, None].expand_as(mask).reshape(-1)
+        if not count_tokens:
+            return
         self.tokens += int(self._mask.sum())
         if self.domains:
             per = torch.bincount(dom.cpu(), weights=mask.sum(1).double().cpu(), minlength=len(self.domains))
@@ -105,7 +115,8 @@ class Recorder:
         weights = top_k_weights.reshape(-1)
         order = torch.argsort(ids, stable=True)  # pair positions grouped by expert
         per_expert = torch.bincount(ids, minlength=e + 1).tolist()  # index e: expert-parallel sentinel, skipped
-        out = torch.zeros(t * k, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 models: sum the k slots in fp32
+        out = torch.zeros(t * k, hidden.shape[-1], dtype=acc_dtype, device=hidden.device)
         norms = torch.zeros(t * k, dtype=torch.float64, device=hidden.device)
         start = 0
         for j, n in enumerate(per_expert[:e]):
@@ -113,7 +124,7 @@ class Recorder:
                 pos = order[start:start + n]
                 y = expert_forward(experts, j, hidden[pos // k])
                 norms[pos] = torch.linalg.vector_norm(y.float(), dim=-1).double()
-                out[pos] = y.float() * weights[pos, None].float()
+                out[pos] = y.to(acc_dtype) * weights[pos, None].to(acc_dtype)
             start += n
         # Statistics over real (non-padding) routed pairs.
         keep = mask[torch.arange(t, device=hidden.device).repeat_interleave(k)] & (ids < e)

@@ -97,7 +97,8 @@ class ExpertStats:
     def layer(self, index: int) -> LayerStats:
         if index not in self.count:
             raise KeyError(f"layer {index} is not an observed MoE layer ({list(self.layers)})")
-        return LayerStats(index, *(getattr(self, f)[index] for f in FIELDS), tokens=self.tokens, domains=self.domains)
+        return LayerStats(index=index, **{f: getattr(self, f)[index] for f in FIELDS}, tokens=self.tokens,
+                          domains=self.domains)
 
     # -- algebra --------------------------------------------------------------------------------------------------
     def merge(self, other: ExpertStats) -> ExpertStats:

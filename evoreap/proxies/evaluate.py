@@ -111,18 +111,18 @@ def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch
         for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch", disable=not progress):
             index = rows[start:start + batch_size]
             ids, mask = data.input_ids[index], data.attention_mask[index]
-            domains = data.domain_ids[index].to(device)
+            domains = data.domain_ids[index]
             valid_all = scored_positions(mask).to(device)
             targets_all = ids[:, 1:].to(device, torch.long)
             ref_all = reference.rows(index, device) if needs_ref else None
-            counts.index_add_(0, domains.cpu(), valid_all.sum(1).double().cpu())
+            counts.index_add_(0, domains, valid_all.sum(1).double().cpu())
             for s, e, logp in next_token_logprobs(model, ids, mask):
                 chunk = ProxyInputs(logp, targets_all[:, s:e], valid_all[:, s:e],
                                     {k: v[:, s:e] for k, v in ref_all.items()} if ref_all is not None else None)
                 for spec in specs:
                     values = spec.fn(chunk)
                     per_row = torch.where(chunk.valid, values, torch.zeros_like(values)).double().sum(1)
-                    sums[spec.name].index_add_(0, domains.cpu(), per_row.cpu())
+                    sums[spec.name].index_add_(0, domains, per_row.cpu())
     total = int(counts.sum())
     if total == 0:
         raise UsageError("the selected rows hold no scored token (every row is padding or a single token)")

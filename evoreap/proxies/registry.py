@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 
 from evoreap.errors import UsageError
-from evoreap.reference import LOG_FLOOR, tail_logmass
+from evoreap.reference import tail_logmass
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,4 +120,4 @@ def esap(inputs: ProxyInputs) -> torch.Tensor:
     return torch.minimum(lp, lq).exp().sum(-1) + torch.minimum(lpt, lqt).exp()
 
 
-__all__ = ["LOG_FLOOR", "PROXIES", "Proxy", "ProxyInputs", "get_proxy", "register_proxy"]
+__all__ = ["PROXIES", "Proxy", "ProxyInputs", "get_proxy", "register_proxy"]

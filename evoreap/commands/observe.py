@@ -1,0 +1,152 @@
+"""``evoreap observe``: record per-expert routing statistics on calibration data (cached), show scores, list
+criteria."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from evoreap.commands.common import add_data_arguments, add_model_arguments, add_runtime_arguments
+
+NAME = "observe"
+HELP = "record per-expert routing statistics (REAP and others) on calibration data"
+EXAMPLE = "evoreap observe --model ./Qwen3-30B-A3B --data code:0.5,tools:0.5 --tokens 200000"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from evoreap.criteria import DEFAULT_MIN_COUNT
+
+    add_model_arguments(p)
+    add_runtime_arguments(p)
+    add_data_arguments(p, default_split="calibration", tokens=65536)
+    p.add_argument("--cache-dir", default=None,
+                   help="where observations are stored (unset: $EVOREAP_CACHE, else ~/.cache/evoreap)")
+    p.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT,
+                   help="routed tokens below which an expert's mean (reap, ean) is not trusted: it ranks after "
+                        "every trusted expert; 0 trusts every routed expert")
+    p.add_argument("--offload", action="store_true",
+                   help="sequential mode for models larger than memory: load one decoder layer at a time from the "
+                        "safetensors files")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="implies --offload; hidden states between layers beyond this many GiB go to a temporary "
+                        "directory on disk (2 GiB when only --offload is given)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="batches between resumable checkpoints of an interrupted observation (unset: 16, or with "
+                        "--offload a single pass, since every chunk reads every layer again)")
+    p.add_argument("--show", metavar="KEY", default=None,
+                   help="print the per-layer expert scores of a stored observation (key, key prefix or directory)")
+    p.add_argument("--criterion", default="reap", help="criterion for --show and the summary's top expert")
+    p.add_argument("--json", action="store_true", help="with --show: print JSON")
+    p.add_argument("--list-criteria", action="store_true", help="list the expert-scoring criteria and exit")
+
+
+def _list_criteria() -> int:
+    from evoreap.criteria import list_criteria
+
+    items = list_criteria()
+    width = max(len(n) for n, _ in items)
+    for name, desc in items:
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _summary(stats, criterion: str, min_count: int, seed: int) -> list[str]:
+    from evoreap.criteria import score_experts
+
+    scores = score_experts(stats, criterion, min_count=min_count, seed=seed)
+    lines = []
+    for i in stats.layers:
+        c = stats.count[i]
+        routed = c > 0
+        top = int(torch.argmax(scores[i]))
+        low = int(((c > 0) & (c < min_count)).sum())
+        lines.append(f"layer {i:>3}: {stats.tokens} tokens, routed per expert min {int(c.min())} / max {int(c.max())}, "
+                     f"{int((~routed).sum())} dead, {low} below --min-count, top by {criterion}: expert {top} "
+                     f"({_fmt(float(scores[i][top]))})")
+    return lines
+
+
+def _show(args: argparse.Namespace) -> int:
+    from evoreap.criteria import score_experts
+    from evoreap.observe.store import load_observation
+
+    obs = load_observation(args.show, cache_dir=args.cache_dir)
+    stats = obs.stats
+    scores = score_experts(stats, args.criterion, min_count=args.min_count, seed=args.seed)
+    if args.json:
+        print(json.dumps({"key": obs.key, "criterion": args.criterion, "min_count": args.min_count,
+                          "scores": {str(i): s.tolist() for i, s in scores.items()},
+                          "count": {str(i): stats.count[i].tolist() for i in stats.layers}}, indent=1))
+        return 0
+    m = obs.manifest
+    print(f"observation {obs.key}")
+    print(f"model {m.get('model', {}).get('path')} ({m.get('model', {}).get('architecture')}), {stats.tokens} tokens "
+          f"({', '.join(f'{d} {n}' for d, n in zip(stats.domains, stats.domain_tokens)) or 'one domain'}), "
+          f"seq_len {m.get('data', {}).get('seq_len')}")
+    print(f"criterion {args.criterion} (higher = keep; never-routed experts marked *, below --min-count "
+          f"{args.min_count} marked ~)")
+    layers = stats.layers
+    header = "expert " + "".join(f"{'L' + str(i):>11}" for i in layers)
+    print(header)
+    for e in range(max(stats.count[i].numel() for i in layers)):
+        cells = []
+        for i in layers:
+            if e >= stats.count[i].numel():
+                cells.append(f"{'':>11}")
+                continue
+            c = float(stats.count[i][e])
+            mark = "*" if c == 0 else "~" if c < args.min_count else " "
+            cells.append(f"{_fmt(float(scores[i][e])):>10}{mark}")
+        print(f"{e:>6} " + "".join(cells))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_criteria:
+        return _list_criteria()
+    from evoreap.criteria import get_criterion
+    from evoreap.errors import UsageError
+
+    get_criterion(args.criterion)  # fail on a typo before any work
+    if args.min_count < 0:
+        raise UsageError(f"--min-count must be >= 0, got {args.min_count}")
+    if args.show:
+        return _show(args)
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+
+    from evoreap.data import load_tokens
+    from evoreap.observe.store import observations_dir, observe_cached
+
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise UsageError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
+    if args.offload or args.max_memory is not None:
+        from evoreap.observe.sequential import observe_offloaded_cached
+
+        key, stats = observe_offloaded_cached(args.model, args.data, dtype=args.dtype, device=args.device,
+                                              seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
+                                              seed=args.seed, cache_dir=args.cache_dir,
+                                              batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
+                                              checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+                                              max_hidden_bytes=int((args.max_memory or 2.0) * 2**30))
+    else:
+        from evoreap.models import load_model
+
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
+        data = load_tokens(args.data, loaded.tokenizer, split="calibration", seq_len=args.seq_len,
+                           tokens=args.tokens, samples=args.samples, seed=args.seed)
+        key, stats = observe_cached(loaded, data, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                    progress=not args.quiet, seed=args.seed,
+                                    checkpoint_every=args.checkpoint_every or 16)
+    print(f"observation {key}")
+    print(f"stored in {observations_dir(args.cache_dir) / key}")
+    for line in _summary(stats, args.criterion, args.min_count, args.seed):
+        print(line)
+    return 0

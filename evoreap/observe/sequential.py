@@ -1,0 +1,333 @@
+"""Sequential (layer-by-layer) observation for models larger than memory (``evoreap observe --offload``).
+
+The model is built on the meta device (no memory). For a chunk of calibration batches:
+
+1. the embeddings (and final norm, rotary tables) are materialised and every decoder layer is replaced by a stub
+   that records the arguments the decoder hands it (attention mask of its type, rotary embeddings, positions), so
+   one cheap decoder pass per batch yields layer 0's input and each layer's own arguments;
+2. each decoder layer in turn is read from the safetensors shards (``safe_open``; per-expert checkpoint tensors
+   such as ``mlp.experts.N.gate_proj.weight`` are fused into the 3-D layout, as transformers' loader does), run on
+   every batch of the chunk -- MoE layers through the same recorder as in-memory observation -- and freed; the
+   hidden states between layers stay in memory, or in a temporary directory of safetensors files when larger than
+   ``max_hidden_bytes``.
+
+Only one decoder layer's weights (plus the embeddings during step 1) are resident at a time. The statistics equal
+the in-memory ones (same layer code on the same inputs; tested). Resumable checkpoints are per chunk of batches
+(``--checkpoint-every``); each chunk reads every layer once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.errors import EvoreapError, UsageError
+from evoreap.observe.recorder import Recorder, recording
+from evoreap.observe.stats import ExpertStats
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointReader:
+    """Tensors of a local safetensors checkpoint (single file or sharded with an index), read lazily by name."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise UsageError(f"{self.path} has no safetensors files; --offload reads weights from local "
+                                 "safetensors shards (save the model with save_pretrained)")
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        self.weight_map: dict[str, str] = weight_map
+        self._open = safe_open
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = self.weight_map[name]
+        h = self._handles.get(fname)
+        if h is None:
+            h = self._handles[fname] = self._open(str(self.path / fname), "pt")
+        return h.get_tensor(name)
+
+    def close(self) -> None:
+        """Drop the open (memory-mapped) files, so that the pages read so far stop counting as resident."""
+        self._handles.clear()
+
+
+class LayerLoader:
+    """Maps a module's parameter names to checkpoint tensors (fusing per-expert tensors) and materialises it."""
+
+    def __init__(self, reader: CheckpointReader, adapter: MoEAdapter, decoder_prefix: str):
+        self.reader, self.adapter, self.prefix = reader, adapter, decoder_prefix
+        self.spec = adapter.spec
+
+    def _candidates(self, full: str) -> list[str]:
+        out = [full]
+        block = f".{self.spec.disk_block}."
+        if self.spec.disk_block != "mlp" and ".mlp." in full:
+            out.append(full.replace(".mlp.", block, 1))
+        return out
+
+    def tensor(self, full: str, like: torch.Tensor) -> torch.Tensor:
+        """The checkpoint tensor for model parameter ``full`` (e.g. ``model.layers.3.mlp.experts.down_proj``)."""
+        for name in self._candidates(full):
+            if name in self.reader:
+                return self._fit(full, self.reader.get(name), like)
+        head, _, leaf = full.rpartition(".")
+        if leaf in ("gate_up_proj", "down_proj") and head.endswith(f".{self.spec.experts_attr}") and \
+                self.spec.disk_expert_names:
+            gate, up, down = self.spec.disk_expert_names
+            e = like.shape[0]
+            try:
+                if leaf == "gate_up_proj":
+                    parts = [torch.cat([self._get(head, i, gate), self._get(head, i, up)], dim=0) for i in range(e)]
+                else:
+                    parts = [self._get(head, i, down) for i in range(e)]
+            except KeyError as missing:
+                raise EvoreapError(f"checkpoint {self.reader.path} has no tensor {missing} for {full}; is it "
+                                   "complete and does it match config.json?") from None
+            return self._fit(full, torch.stack(parts), like)
+        raise EvoreapError(f"checkpoint {self.reader.path} has no tensor for {full} (looked for "
+                           f"{', '.join(self._candidates(full))}); is it complete and does it match config.json?")
+
+    def _get(self, experts_name: str, i: int, leaf: str) -> torch.Tensor:
+        for cand in self._candidates(f"{experts_name}.{i}.{leaf}"):
+            if cand in self.reader:
+                return self.reader.get(cand)
+        raise KeyError(f"{experts_name}.{i}.{leaf}")
+
+    @staticmethod
+    def _fit(full: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if tuple(t.shape) != tuple(like.shape):
+            if t.dim() == 3 and tuple(t.transpose(1, 2).shape) == tuple(like.shape):
+                t = t.transpose(1, 2).contiguous()  # per-expert [out, in] stacked for a transposed fused layout
+            else:
+                raise EvoreapError(f"checkpoint tensor for {full} has shape {tuple(t.shape)}, the model expects "
+                                   f"{tuple(like.shape)}; does the checkpoint match config.json?")
+        return t.to(like.dtype)
+
+    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+        """Load ``module``'s parameters and persistent buffers (named ``prefix + name`` in the model) onto
+        ``device``."""
+        state = {name: self.tensor(prefix + name, like).to(device)
+                 for name, like in module.state_dict(keep_vars=True).items()}
+        self.reader.close()
+        module.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+        if left:
+            raise EvoreapError(f"{prefix}: {', '.join(left)} cannot be read from the checkpoint (non-persistent "
+                               "buffers); --offload does not support this architecture")
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for decoder layer ``index``: records the arguments it is called with and passes the hidden states
+    through (masks and rotary tables do not depend on earlier layers' outputs)."""
+
+    def __init__(self, index: int, original: torch.nn.Module, sink: dict[int, tuple]):
+        super().__init__()
+        self.index, self.sink = index, sink
+        object.__setattr__(self, "_original", original)  # not a submodule
+
+    def __getattr__(self, name: str):  # e.g. `attention_type`, read by some decoders' loops
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink[self.index] = (args, kwargs)
+        return hidden_states
+
+
+class _HiddenStore:
+    """Per-batch hidden states between layers: in memory, or in safetensors files under a temporary directory."""
+
+    def __init__(self, on_disk: bool):
+        self.mem: dict[int, torch.Tensor] = {}
+        self.dir = tempfile.TemporaryDirectory(prefix="evoreap-hidden-") if on_disk else None
+
+    def put(self, b: int, t: torch.Tensor) -> None:
+        if self.dir is None:
+            self.mem[b] = t
+        else:
+            from safetensors.torch import save_file
+
+            save_file({"h": t.detach().cpu().contiguous()}, os.path.join(self.dir.name, f"{b}.safetensors"))
+
+    def get(self, b: int, device: torch.device) -> torch.Tensor:
+        if self.dir is None:
+            return self.mem[b]
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(self.dir.name, f"{b}.safetensors"))["h"].to(device)
+
+    def close(self) -> None:
+        self.mem.clear()
+        if self.dir is not None:
+            self.dir.cleanup()
+
+
+class SequentialModel:
+    """A model on the meta device plus its checkpoint: observes layer by layer (see the module docstring)."""
+
+    def __init__(self, path: str, config: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 max_hidden_bytes: int = 2 << 30):
+        from transformers import AutoModelForCausalLM
+
+        self.path, self.device, self.max_hidden_bytes = path, torch.device(device), max_hidden_bytes
+        self.adapter = MoEAdapter(config)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.decoder = self.model.get_decoder()
+        self.prefix = next(n for n, m in self.model.named_modules() if m is self.decoder)
+        self.prefix = f"{self.prefix}." if self.prefix else ""
+        self.reader = CheckpointReader(path)
+        self.loader = LayerLoader(self.reader, self.adapter, self.prefix)
+
+    # -- fingerprints without loading the model -----------------------------------------------------------------------
+    def router_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer in self.adapter.layers(self.model):
+            for name in ("weight", "bias", "e_score_correction_bias"):
+                like = getattr(layer.router, name, None)
+                if isinstance(like, torch.Tensor):
+                    full = f"{self.prefix}layers.{layer.index}.mlp.{self.adapter.spec.router_attr}.{name}"
+                    out[f"{layer.index}.{name}"] = self.loader.tensor(full, like)
+        return out
+
+    # -- the non-layer parts ------------------------------------------------------------------------------------------
+    def _materialise_outer(self) -> None:
+        for name, child in self.decoder.named_children():
+            if name == "layers":
+                continue
+            nonpersistent = any(m._non_persistent_buffers_set for m in child.modules())
+            if nonpersistent:  # rotary tables: computed from the config, not stored
+                fresh = type(child)(config=self.decoder.config)
+                setattr(self.decoder, name, fresh.to(self.device))
+                child = fresh
+            self.loader.materialise(child, f"{self.prefix}{name}.", self.device)
+
+    def _free_outer(self) -> None:
+        for name, child in self.decoder.named_children():
+            if name != "layers":
+                child.to("meta")
+
+    def observe(self, data, *, batch_size: int = 8, initial: ExpertStats | None = None, start_batch: int = 0,
+                stop_batch: int | None = None, progress: bool = True) -> ExpertStats:
+        """Observe batches ``[start_batch, stop_batch)`` of ``data`` layer by layer (same contract as
+        :func:`evoreap.observe.observe`)."""
+        from tqdm.auto import tqdm
+
+        n_batches = -(-len(data) // batch_size)
+        stop = n_batches if stop_batch is None else min(stop_batch, n_batches)
+        batches = list(range(start_batch, stop))
+        moe = {layer.index: layer for layer in self.adapter.layers(self.model)}
+        recorder = Recorder(self.adapter, list(moe.values()), data.domains, initial=initial, device="cpu")
+        first_moe = min(moe)
+        rows = min(len(data), stop * batch_size) - start_batch * batch_size
+        elem = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
+        on_disk = rows * data.seq_len * self.model.config.hidden_size * elem > self.max_hidden_bytes
+        hidden = _HiddenStore(on_disk)
+        layers = self.decoder.layers
+        args_of: dict[int, dict[int, tuple]] = {}
+
+        def batch(b: int):
+            lo = b * batch_size
+            return (data.input_ids[lo:lo + batch_size], data.attention_mask[lo:lo + batch_size],
+                    data.domain_ids[lo:lo + batch_size])
+
+        try:
+            with torch.inference_mode():
+                # 1. embeddings and each layer's arguments
+                self._materialise_outer()
+                stubs: dict[int, tuple] = {}
+                self.decoder.layers = torch.nn.ModuleList(_Capture(i, layer, stubs) for i, layer in enumerate(layers))
+                try:
+                    for b in batches:
+                        ids, mask, _ = batch(b)
+                        emb = {}
+                        h = self.decoder.embed_tokens.register_forward_hook(
+                            lambda m, a, out: emb.__setitem__("h", out))
+                        try:
+                            self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         use_cache=False)
+                        finally:
+                            h.remove()
+                        hidden.put(b, emb["h"])
+                        args_of[b] = dict(stubs)
+                        stubs.clear()
+                finally:
+                    self.decoder.layers = layers
+                    self._free_outer()
+                # 2. one decoder layer at a time
+                for i, layer in enumerate(tqdm(layers, disable=not progress, desc="observe (offload)",
+                                               unit="layer")):
+                    self.loader.materialise(layer, f"{self.prefix}layers.{i}.", self.device)
+                    try:
+                        observed = [moe[i]] if i in moe else []
+                        with recording(self.model, recorder, observed):
+                            for b in batches:
+                                _, mask, dom = batch(b)
+                                recorder.begin_batch(mask, dom, count_tokens=(i == first_moe))
+                                a, kw = args_of[b][i]
+                                out = layer(hidden.get(b, self.device), *a, **kw)
+                                hidden.put(b, out[0] if isinstance(out, tuple) else out)
+                    finally:
+                        layer.to("meta")
+        finally:
+            hidden.close()
+        return recorder.result()
+
+
+def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = "float32", device: str = "cpu",
+                             seq_len: int = 256, tokens: int | None = None, samples: int | None = None,
+                             seed: int = 0, cache_dir: str | None = None, batch_size: int = 8,
+                             trust_remote_code: bool = False, checkpoint_every: int | None = None,
+                             progress: bool = True, split: str = "calibration", max_hidden_bytes: int = 2 << 30
+                             ) -> tuple[str, ExpertStats]:
+    """``evoreap observe --offload``: like :func:`evoreap.observe.store.observe_cached`, without ever holding more
+    than one decoder layer. The cache key equals the in-memory one, so either mode reuses the other's result."""
+    from evoreap.data import load_tokens
+    from evoreap.models import LoadedModel, load_config, load_tokenizer, parse_dtype, resolve_model
+    from evoreap.observe.store import model_fingerprint, observe_cached
+
+    path = resolve_model(model)
+    if not Path(path).is_dir():
+        raise UsageError(f"--offload reads local safetensors files; {path} is not a local directory (download it "
+                         "first)")
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    seq = SequentialModel(path, config, dtype=parse_dtype(dtype), device=device, max_hidden_bytes=max_hidden_bytes)
+    data = load_tokens(data_spec, tokenizer, split=split, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed)
+    info = {"path": path, "architecture": seq.adapter.name, "model_type": seq.adapter.config.model_type,
+            "dtype": str(parse_dtype(dtype)).replace("torch.", ""),
+            "fingerprint": model_fingerprint(seq.adapter.config, seq.router_tensors(), tokenizer)}
+    n_batches = -(-len(data) // batch_size)
+    loaded = LoadedModel(seq.model, tokenizer, path, seq.adapter)
+
+    def runner(initial, lo, hi):
+        return seq.observe(data, batch_size=batch_size, initial=initial, start_batch=lo, stop_batch=hi,
+                           progress=progress)
+
+    return observe_cached(loaded, data, cache_dir=cache_dir, batch_size=batch_size, progress=False, seed=seed,
+                          checkpoint_every=checkpoint_every or n_batches, model_info=info, runner=runner)

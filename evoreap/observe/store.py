@@ -1,0 +1,382 @@
+"""Observation directories: content-addressed, checksummed, resumable; safetensors and JSON only (no pickle).
+
+Layout under the cache (``--cache-dir``, else ``$EVOREAP_CACHE``, else ``~/.cache/evoreap``)::
+
+    observations/<key>/manifest.json            schema, versions, fingerprints, token counts, sha256 of every file
+    observations/<key>/layer_<i>.safetensors    one MoE layer's raw float64 sums and counts
+    observations/<key>.partial/progress.json    an interrupted run: batches done + the checkpoint's sha256
+    observations/<key>.partial/sums-<b>.safetensors
+
+The key hashes what determines the statistics: the model fingerprint (config + router weights + tokenizer), the
+exact token ids and masks per domain, the sequence length, the compute dtype and the batch size (batching changes
+float rounding, and resuming must continue the very same additions). A finished directory appears atomically
+(written under a temporary name, then renamed), and checkpoints replace each other atomically, so a crash at any
+point leaves either the previous state or the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evoreap import __version__
+from evoreap.allocation import write_json_atomic
+from evoreap.errors import UsageError
+from evoreap.observe.stats import FIELDS, ExpertStats
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+# Config entries that do not change what the model computes (or that the key records separately).
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_experts_implementation",
+                         "_attn_implementation", "_attn_implementation_internal", "_experts_implementation_internal",
+                         "architectures", "use_cache", "output_router_logits"}
+
+
+# -- hashing ---------------------------------------------------------------------------------------------------------
+def _sha256_bytes(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+def _sha256_json(obj: Any) -> str:
+    return _sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of the config's JSON, without entries that do not change the computation (versions, dtype, paths)."""
+    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return _sha256_json(d)
+
+
+def router_tensors(model: torch.nn.Module, adapter) -> dict[str, torch.Tensor]:
+    """Every router weight, bias and ``e_score_correction_bias`` of a resident model, by canonical name."""
+    out = {}
+    for layer in adapter.layers(model):
+        for name in ("weight", "bias", "e_score_correction_bias"):
+            t = getattr(layer.router, name, None)
+            if isinstance(t, torch.Tensor):
+                out[f"{layer.index}.{name}"] = t
+    return out
+
+
+def router_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the router tensors (as float32, in name order; dtype-stable for bf16/fp16 -> fp32 upcasts)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors, key=lambda n: (int(n.split(".")[0]), n)):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer: Any) -> str | None:
+    """sha256 of the tokenizer's full serialised state (fast tokenizers) or of its vocabulary."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return _sha256_bytes(backend.to_str().encode())
+    try:
+        return _sha256_json(sorted(tokenizer.get_vocab().items()))
+    except Exception:  # an exotic tokenizer: the fingerprint then rests on config + routers
+        return None
+
+
+def model_fingerprint(config: Any, routers: dict[str, torch.Tensor], tokenizer: Any = None) -> dict[str, str | None]:
+    """``{"config_sha256", "router_sha256", "tokenizer_sha256", "sha256"}``; ``sha256`` combines all three."""
+    fp = {"config_sha256": config_hash(config), "router_sha256": router_hash(routers),
+          "tokenizer_sha256": tokenizer_hash(tokenizer)}
+    fp["sha256"] = _sha256_json(fp)
+    return fp
+
+
+def data_fingerprints(data) -> dict[str, str]:
+    """sha256 of exactly the token ids and masks of each domain's sequences (also right for subsets, whose
+    ``TokenData.fingerprints`` still describe the parent)."""
+    out = {}
+    for d, name in enumerate(data.domains):
+        rows = data.domain_ids == d
+        ids = data.input_ids[rows].to(torch.int64).contiguous().numpy()
+        mask = data.attention_mask[rows].to(torch.int8).contiguous().numpy()
+        out[name] = _sha256_bytes(str(ids.shape).encode(), ids.tobytes(), mask.tobytes())
+    return out
+
+
+def observation_key(model_sha256: str, data_fingerprint: dict[str, str], seq_len: int, settings: dict[str, Any]
+                    ) -> str:
+    """The content address of an observation (64 hex digits)."""
+    return _sha256_json({"schema": SCHEMA_VERSION, "model": model_sha256, "data": data_fingerprint,
+                         "seq_len": seq_len, "settings": settings})
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("EVOREAP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoreap"
+
+
+def observations_dir(cache_dir: str | Path | None = None) -> Path:
+    return cache_root(cache_dir) / "observations"
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+                             ) -> str:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def layer_file(index: int) -> str:
+    return f"layer_{index:03d}.safetensors"
+
+
+def write_observation(directory: Path, stats: ExpertStats, manifest: dict[str, Any]) -> Path:
+    """Write ``stats`` (one safetensors per layer) and the manifest into ``directory``, atomically as a whole."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for i in stats.layers:
+        files[layer_file(i)] = _save_safetensors_atomic(stats.layer_tensors(i), tmp / layer_file(i),
+                                                        {"layer": str(i)})
+    manifest = {**manifest, "layers": list(stats.layers), "tokens": stats.tokens,
+                "domain_tokens": dict(zip(stats.domains, stats.domain_tokens)), "files": files}
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if directory.exists():  # a concurrent run finished first: keep the one that is there
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Observation:
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    stats: ExpertStats
+
+
+def _resolve(key_or_dir: str | Path, cache_dir: str | Path | None) -> Path:
+    p = Path(key_or_dir).expanduser()
+    if p.is_dir():
+        return p
+    root = observations_dir(cache_dir)
+    key = str(key_or_dir)
+    if (root / key).is_dir():
+        return root / key
+    if len(key) >= 6 and all(c in "0123456789abcdef" for c in key) and root.is_dir():
+        hits = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(key)
+                and not d.name.endswith(".partial") and not d.name.startswith(".")]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise UsageError(f"observation key prefix {key} is ambiguous ({len(hits)} matches in {root}); "
+                             "give more digits")
+    raise UsageError(f"no observation {key} in {root} (and no such directory); run `evoreap observe` first or "
+                     "pass --cache-dir where it was written")
+
+
+def _safe_name(name: str, where: Path) -> str:
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+        raise UsageError(f"{where / MANIFEST} names a file {name!r} outside its directory; refusing to read it "
+                         "(the manifest is corrupted or was tampered with)")
+    return name
+
+
+def load_observation(key_or_dir: str | Path, *, cache_dir: str | Path | None = None,
+                     expect_model_fingerprint: str | None = None) -> Observation:
+    """Read and verify an observation: schema, the sha256 of every file, the tensors, and (if given) that it was
+    made for the model whose fingerprint ``sha256`` is ``expect_model_fingerprint``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = _resolve(key_or_dir, cache_dir)
+    mpath = directory / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{directory} has no {MANIFEST}: it is not a finished observation") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{mpath} is corrupted (not valid JSON: {e}); delete {directory} and observe again") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UsageError(f"{mpath} has schema version {version}, this evoreap reads {SCHEMA_VERSION}; observe again "
+                         "with this version")
+    if expect_model_fingerprint is not None:
+        have = manifest.get("model", {}).get("fingerprint", {}).get("sha256")
+        if have != expect_model_fingerprint:
+            made_for = manifest.get("model", {}).get("path")
+            raise UsageError(f"observation {directory.name} was made for another model ({made_for}, fingerprint "
+                             f"{str(have)[:12]}), not this one ({expect_model_fingerprint[:12]}); observe this model "
+                             "instead")
+    files = manifest.get("files")
+    layers = manifest.get("layers")
+    if not isinstance(files, dict) or not isinstance(layers, list):
+        raise UsageError(f"{mpath} lacks its file list; delete {directory} and observe again")
+    tensors: dict[str, torch.Tensor] = {}
+    for i in layers:
+        name = layer_file(int(i))
+        if name not in files:
+            raise UsageError(f"{mpath} lists layer {i} but no checksum for {name}; delete {directory} and observe "
+                             "again")
+    for name, digest in files.items():
+        path = directory / _safe_name(name, directory)
+        if not path.is_file():
+            raise UsageError(f"observation file {path} is missing; delete {directory} and observe again")
+        if sha256_file(path) != digest:
+            raise UsageError(f"observation file {path} is corrupted (sha256 mismatch with the manifest); delete "
+                             f"{directory} and observe again")
+    for i in layers:
+        path = directory / layer_file(int(i))
+        try:
+            part = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"cannot read {path}: {e}; delete {directory} and observe again") from None
+        missing = set(FIELDS) - set(part)
+        if missing:
+            raise UsageError(f"{path} lacks {', '.join(sorted(missing))}; delete {directory} and observe again")
+        tensors.update({f"{int(i)}.{f}": part[f] for f in FIELDS})
+    domains = tuple(manifest.get("data", {}).get("domains", []))
+    dt = manifest.get("domain_tokens", {})
+    tensors["tokens"] = torch.tensor(int(manifest["tokens"]))
+    tensors["domain_tokens"] = torch.tensor([int(dt.get(d, 0)) for d in domains], dtype=torch.int64)
+    stats = ExpertStats.from_tensors(tensors, domains)
+    return Observation(manifest.get("key", directory.name), directory, manifest, stats)
+
+
+# -- observe with the cache ------------------------------------------------------------------------------------------
+def _read_progress(partial: Path, expect: dict[str, Any], domains: tuple[str, ...]
+                   ) -> tuple[int, ExpertStats] | None:
+    """The last consistent checkpoint of an interrupted run, or None (anything unreadable is discarded)."""
+    from safetensors.torch import load_file
+
+    try:
+        progress = json.loads((partial / PROGRESS).read_text())
+        if {k: progress.get(k) for k in expect} != expect:
+            return None
+        path = partial / _safe_name(progress["file"], partial)
+        if sha256_file(path) != progress["sha256"]:
+            log.warning("discarding a corrupted checkpoint in %s", partial)
+            return None
+        return int(progress["batches_done"]), ExpertStats.from_tensors(load_file(str(path)), domains)
+    except (OSError, ValueError, KeyError, UsageError):
+        return None
+
+
+def _write_progress(partial: Path, batches_done: int, stats: ExpertStats, expect: dict[str, Any]) -> None:
+    name = f"sums-{batches_done:08d}.safetensors"
+    digest = _save_safetensors_atomic(stats.to_tensors(), partial / name)
+    write_json_atomic(partial / PROGRESS, {**expect, "batches_done": batches_done, "file": name, "sha256": digest})
+    for old in partial.glob("sums-*.safetensors"):  # the progress file no longer points at older checkpoints
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def describe_model(loaded) -> dict[str, Any]:
+    """Fingerprint and identity of a :class:`~evoreap.models.LoadedModel`."""
+    model, adapter = loaded.model, loaded.adapter
+    fp = model_fingerprint(adapter.config, router_tensors(model, adapter), loaded.tokenizer)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return {"path": str(loaded.path), "architecture": adapter.name, "model_type": adapter.config.model_type,
+            "dtype": dtype, "fingerprint": fp}
+
+
+def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_size: int = 8,
+                   progress: bool = True, seed: int | None = None, checkpoint_every: int = 16,
+                   model_info: dict[str, Any] | None = None, runner=None) -> tuple[str, ExpertStats]:
+    """Observe ``data`` with ``loaded`` (a LoadedModel) through the cache: reuse a finished observation with the
+    same key, resume an interrupted one, else observe from scratch, checkpointing every ``checkpoint_every``
+    batches. Returns ``(key, stats)``.
+
+    ``runner(initial, start_batch, stop_batch) -> ExpertStats`` replaces the in-memory observer (sequential mode);
+    ``model_info`` then supplies the model's identity (see :func:`describe_model`).
+    """
+    from evoreap.observe.recorder import observe
+
+    info = model_info if model_info is not None else describe_model(loaded)
+    settings = {"dtype": info["dtype"], "batch_size": batch_size}
+    fps = data_fingerprints(data)
+    key = observation_key(info["fingerprint"]["sha256"], fps, data.seq_len, settings)
+    root = observations_dir(cache_dir)
+    final = root / key
+    if final.is_dir():
+        obs = load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"])
+        log.info("reusing observation %s (%d tokens)", key, obs.stats.tokens)
+        return key, obs.stats
+
+    n_batches = -(-len(data) // batch_size)
+    partial = root / f"{key}.partial"
+    expect = {"schema_version": SCHEMA_VERSION, "key": key, "batch_size": batch_size}
+    start, stats = 0, None
+    if partial.is_dir():
+        found = _read_progress(partial, expect, data.domains)
+        if found is not None:
+            start, stats = found
+            log.info("resuming observation %s at batch %d of %d", key, start, n_batches)
+    partial.mkdir(parents=True, exist_ok=True)
+    if runner is None:
+        def runner(initial, lo, hi):
+            return observe(loaded.model, loaded.adapter, data, batch_size=batch_size, progress=False,
+                           initial=initial, start_batch=lo, stop_batch=hi)
+    step = max(1, checkpoint_every)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_batches, initial=start, disable=not progress, desc="observe", unit="batch") as bar:
+        while start < n_batches:
+            stop = min(n_batches, start + step)
+            stats = runner(stats, start, stop)
+            start = stop
+            bar.update(stop - bar.n)
+            if start < n_batches:
+                _write_progress(partial, start, stats, expect)
+    if stats is None:
+        raise UsageError("no data to observe (0 sequences)")
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "evoreap_version": __version__, "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": info,
+        "data": {"domains": list(data.domains), "fingerprints": fps, "source_fingerprints": dict(data.fingerprints),
+                 "file_hashes": dict(data.file_hashes), "sequences": len(data), "seq_len": data.seq_len,
+                 "seed": seed},
+        "settings": settings,
+    }
+    write_observation(final, stats, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    return key, load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"]).stats
+
+
+def list_observations(cache_dir: str | Path | None = None) -> list[Path]:
+    root = observations_dir(cache_dir)
+    return sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
