@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,48 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
+def own_export_code(path: str | Path) -> bool:
+    """True when the directory's only Python file is the modeling code this evoreap version writes into non-uniform
+    exports (byte for byte), so loading it runs evoreap's own code, not the directory's."""
+    p = Path(path)
+    code = sorted(p.glob("*.py")) if p.is_dir() else []
+    if [c.name for c in code] != ["modeling_evoreap.py"]:
+        return False
+    try:
+        from transformers import AutoConfig
+
+        from evoreap.export import render_modeling
+
+        cfg = json.loads((p / "config.json").read_text())
+        config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+        return code[0].read_text() == render_modeling(MoEAdapter(config))
+    except Exception:  # anything unexpected: not provably ours
+        return False
+
+
+def needs_trust(path: str | Path, trust_remote_code: bool) -> bool:
+    """Whether to pass ``trust_remote_code=True`` to transformers for a local directory; refuses (UsageError) a
+    directory that carries custom code (``auto_map`` or ``*.py``) unless the user allowed it or it is our own."""
+    p = Path(path)
+    if trust_remote_code or not p.is_dir():
+        return trust_remote_code
+    try:
+        custom = "auto_map" in json.loads((p / "config.json").read_text()) or any(p.glob("*.py"))
+    except (OSError, ValueError):
+        return False
+    if not custom:
+        return False
+    if own_export_code(p):
+        return True
+    raise UsageError(f"{path} carries custom model code (auto_map or .py files); evoreap does not run code from a "
+                     "model directory unless you pass --trust-remote-code (read that code first)")
+
+
 def load_config(name: str | None, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = resolve_model(name)
+    trust_remote_code = needs_trust(path, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -86,6 +125,7 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    trust_remote_code = needs_trust(path, trust_remote_code)
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
     from safetensors import SafetensorError

@@ -66,3 +66,18 @@ def test_cli_shim_runs_as_a_script():
     shim = Path(__file__).resolve().parents[1] / "cli.py"
     out = subprocess.run([sys.executable, str(shim), "--help"], capture_output=True, text=True, check=True)
     assert "evoreap" in out.stdout and "inspect" in out.stdout
+
+
+def test_model_with_custom_code_is_refused_without_trust_remote_code(saved_qwen, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "custom"
+    shutil.copytree(saved_qwen, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                       "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "configuration_evil.py").write_text("raise SystemExit('this code must never run')\n")
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and "never run" not in err

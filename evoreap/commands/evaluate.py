@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from evoreap.commands.common import add_model_arguments, add_runtime_arguments
-from evoreap.errors import EvoreapError, UsageError
+from evoreap.errors import UsageError
 
 NAME = "evaluate"
 HELP = "held-out NLL/perplexity, KL, ESAP, top-1 agreement and generations of a pruned model vs the unpruned one"
@@ -84,8 +84,8 @@ def _candidate(args, loaded, data_meta):
         return Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
     from evoreap.models import load_model
 
-    pruned = load_model(args.pruned, dtype=args.dtype, device=args.device,
-                        trust_remote_code=_trusted_export(Path(args.pruned), args.trust_remote_code))
+    # evoreap's own modeling code in a non-uniform export is recognised byte for byte (evoreap.models.needs_trust)
+    pruned = load_model(args.pruned, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     return Candidate("pruned (exported)", pruned.model, MoEAdapter.for_model(pruned.model))
 
 
@@ -98,30 +98,6 @@ def _check_routers(obs, loaded) -> None:
     if want and router_hash(router_tensors(loaded.model, loaded.adapter)) != want:
         raise UsageError(f"observation {obs.key[:12]} was recorded on a model with other router weights "
                          f"({model.get('path')}), not {loaded.path}; observe this model or pass its observation")
-
-
-def _trusted_export(path: Path, trust: bool) -> bool:
-    """A non-uniform export carries modeling_evoreap.py; it may run without --trust-remote-code only if it is
-    byte for byte the code this evoreap version writes."""
-    code = path / "modeling_evoreap.py"
-    if not code.exists():
-        return trust
-    from evoreap.adapters import MoEAdapter
-    from evoreap.export import render_modeling
-    cfg = json.loads((path / "config.json").read_text())
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
-        expected = render_modeling(MoEAdapter(config))
-    except Exception as e:  # an unknown or damaged export is not ours to trust
-        raise EvoreapError(f"cannot verify {code}: {e}; pass --trust-remote-code after reading it") from None
-    if code.read_text() == expected:
-        return True
-    if not trust:
-        raise UsageError(f"{code} is not the modeling code this evoreap writes; read it, then pass "
-                         "--trust-remote-code to run it")
-    return True
 
 
 def run(args: argparse.Namespace) -> int:

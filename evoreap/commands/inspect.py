@@ -11,7 +11,7 @@ import torch
 
 from evoreap.adapters import MoEAdapter
 from evoreap.commands.common import add_model_arguments
-from evoreap.models import load_config, resolve_model
+from evoreap.models import load_config, needs_trust, resolve_model
 
 NAME = "inspect"
 HELP = "show a model's MoE layers, experts, routing and parameter counts"
@@ -49,6 +49,7 @@ def describe(name: str | None, trust_remote_code: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    trust_remote_code = needs_trust(path, trust_remote_code)
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
     with torch.device("meta"):  # shapes only: inspecting a 1 TB model costs nothing
