@@ -161,7 +161,8 @@ def load_tokens(spec: str | list[DataSource], tokenizer: Any, *, split: str, seq
     total = samples if samples is not None else (math.ceil(tokens / seq_len) if tokens is not None else None)
     rows, labels, names, prints, hashes = [], [], [], {}, {}
     for k, src in enumerate(sources):
-        limit = None if total is None else max(1, round(total * src.weight))
+        # rounded up, so that the sources together cover at least what was asked for
+        limit = None if total is None else max(1, math.ceil(total * src.weight - 1e-9))
         docs = read_documents(src, tokenizer)
         packed, available = _pack(docs, tokenizer, seq_len, limit, seed + k)
         if len(packed) == 0:
