@@ -57,4 +57,4 @@ def test_report_and_pictures_are_written(searched):
     text = (run / "report.md").read_text()
     for pic in ("allocation.png", "history.png", "saliency.png", "domain_usage.png"):
         assert (run / pic).stat().st_size > 5000 and f"]({pic})" in text
-    assert "## Held-out" in text and "uniform (reap)" in text
+    assert "## Held-out" in text and "uniform (reap_x_frequency)" in text

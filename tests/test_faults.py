@@ -340,33 +340,38 @@ def victim_key(db: Path, trial_id: int) -> str:
 
 
 def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, search_ref):
-    """SIGKILL a --workers 2 worker while it scores a trial: the leader fails that trial, asks for it again and
-    finishes with every candidate scored once. More generations than the other tests: the worker needs ~5 s to
-    start before it takes trials."""
+    """SIGKILL a worker while it scores a trial: the leader fails that trial, asks for it again and finishes with
+    every candidate scored once. The worker is started by hand first (as on another machine) so that it is ready to
+    take trials as soon as the leader queues them, however fast the leader is."""
     runs = tmp_path / "runs"
     args = ["search", "--model", str(small_model_dir), "--runs-dir", str(runs), "--cache-dir",
-            str(search_ref["cache"]), "--run", "w", *SEARCH, "--generations", "4", "--workers", "2"]
+            str(search_ref["cache"]), "--run", "w", *SEARCH, "--generations", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    leader = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    db, victim, host = runs / "w" / "study.db", None, socket.gethostname()
+    db, victim = runs / "w" / "study.db", None
+    worker = subprocess.Popen(cli(*args, "--worker"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
     deadline = time.time() + 120
+    while not db.exists() and time.time() < deadline:  # the worker has set up and waits for queued trials
+        time.sleep(0.05)
+    time.sleep(1.0)
+    leader = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         while victim is None and leader.poll() is None and time.time() < deadline:
-            if db.exists():
-                try:
-                    for tid, state, owner in _owners(db):
-                        h, _, pid = owner.rpartition(":")
-                        if state == "RUNNING" and h == host and int(pid) != leader.pid:
-                            os.kill(int(pid), signal.SIGKILL)  # the leader's child, started by this test
-                            victim = (tid, owner)
-                            break
-                except sqlite3.OperationalError:  # the schema is being created
-                    pass
-            time.sleep(0.01)
+            try:
+                for tid, state, owner in _owners(db):
+                    if state == "RUNNING" and owner.endswith(f":{worker.pid}"):
+                        os.kill(worker.pid, signal.SIGKILL)
+                        victim = (tid, owner)
+                        break
+            except sqlite3.OperationalError:  # the schema is being created
+                pass
+            time.sleep(0.005)
         _, err = leader.communicate(timeout=300)
     finally:
-        if leader.poll() is None:
-            leader.kill()
+        for p in (leader, worker):
+            if p.poll() is None:
+                p.kill()
+        worker.wait()
     assert victim is not None, "the worker never held a trial"
     assert leader.returncode == 0, err.decode()[-2000:]
     assert "re-queueing" in err.decode()

@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--bits", type=_fraction, default=None, help="bits per weight for --budget-gb")
     s = p.add_argument_group("search")
     s.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")
-    s.add_argument("--criterion", default="reap", help="which experts a layer keeps (evoreap observe --list-criteria)")
+    s.add_argument("--criterion", default="reap_x_frequency",
+                   help="which experts a layer keeps (evoreap observe --list-criteria); the default ranked best on "
+                        "the demo (README)")
     s.add_argument("--min-count", type=int, default=None,
                    help="routed tokens below which an expert's mean score is not trusted (default: the criteria's)")
     s.add_argument("--proxy", default="kl", help="candidate score: kl, esap or nll")

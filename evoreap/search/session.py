@@ -185,7 +185,6 @@ class SearchSession:
 
     # -- the end ----------------------------------------------------------------------------------------------------
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
-        from evoreap.criteria import score_experts
         from evoreap.proxies import evaluate
         from evoreap.reference import reference_cached
 
@@ -200,11 +199,12 @@ class SearchSession:
         rows[f"uniform ({self.args.criterion})"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform),
                                                              heldout, proxies=names, reference=ref,
                                                              batch_size=self.args.batch_size)
-        if self.args.criterion != "frequency":
-            freq = score_experts(self.stats, "frequency", min_count=0)
-            rows["uniform (frequency)"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform, freq),
-                                                   heldout, proxies=names, reference=ref,
-                                                   batch_size=self.args.batch_size)
+        for baseline in ("reap", "frequency"):  # the usual uniform baselines, beside the chosen criterion's
+            if baseline != self.args.criterion:
+                other = _scores(self.stats, argparse.Namespace(**{**vars(self.args), "criterion": baseline}))
+                rows[f"uniform ({baseline})"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform, other),
+                                                         heldout, proxies=names, reference=ref,
+                                                         batch_size=self.args.batch_size)
         rows["searched"] = evaluate(self.loaded.model, adapter, self.masks_for(best), heldout, proxies=names,
                                     reference=ref, batch_size=self.args.batch_size)
         table = {k: {"values": v.values, "per_domain": v.per_domain, "tokens": v.tokens} for k, v in rows.items()}
