@@ -159,3 +159,27 @@ def test_cache_location(tmp_path, monkeypatch):
     monkeypatch.delenv("EVOREAP_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert observations_dir() == tmp_path / "home" / ".cache" / "evoreap" / "observations"
+
+
+def test_show_with_another_model_is_refused(small_model_dir, tmp_path, capsys):
+    """`observe --show KEY --model M` checks that KEY was observed with M."""
+    from evoreap.cli import main
+
+    cache = str(tmp_path / "cache")
+    assert main(["observe", "--model", str(small_model_dir), "--tokens", "1024", "--seq-len", "64",
+                 "--cache-dir", cache]) == 0
+    key = capsys.readouterr().out.split("observation ", 1)[1].split()[0]
+    assert main(["observe", "--show", key, "--model", str(small_model_dir), "--cache-dir", cache]) == 0
+    other = tmp_path / "other"
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(small_model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in weights if k.endswith("mlp.gate.weight"))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["observe", "--show", key, "--model", str(other), "--cache-dir", cache]) == 2
+    assert "was made for another model" in capsys.readouterr().err

@@ -76,7 +76,15 @@ def _show(args: argparse.Namespace) -> int:
     from evoreap.criteria import score_experts
     from evoreap.observe.store import load_observation
 
-    obs = load_observation(args.show, cache_dir=args.cache_dir)
+    expect = None
+    if args.model is not None:  # --model given: the observation must have been made with that model
+        from evoreap.models import load_model
+        from evoreap.observe.store import describe_model
+
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
+        expect = describe_model(loaded)["fingerprint"]["sha256"]
+    obs = load_observation(args.show, cache_dir=args.cache_dir, expect_model_fingerprint=expect)
     stats = obs.stats
     scores = score_experts(stats, args.criterion, min_count=args.min_count, seed=args.seed)
     if args.json:
