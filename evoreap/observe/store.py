@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from evoreap.data.loader import sha256_file  # noqa: F401 (re-exported: used below and by tests)
 from evoreap import __version__
 from evoreap.allocation import write_json_atomic
 from evoreap.errors import UsageError
@@ -55,13 +56,6 @@ def _sha256_bytes(*parts: bytes) -> str:
 def _sha256_json(obj: Any) -> str:
     return _sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_hash(config: Any) -> str:
