@@ -148,8 +148,28 @@ def plot_domain_usage(run: Path, stats: Any) -> Path:
     return out
 
 
-def write_report(run: str | Path) -> Path:
-    """Draw every picture of a finished run and write its ``report.md``."""
+def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path]) -> None:
+    """Attach the pictures to the run's Optuna study as artifacts (files in ``RUN/artifacts``), so that
+    optuna-dashboard shows them beside the trials."""
+    try:
+        import optuna
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        from evoreap.search.storage import open_storage
+
+        storage = open_storage(env["storage"])
+        study = optuna.load_study(study_name=env["study"], storage=storage)
+        (run / "artifacts").mkdir(exist_ok=True)
+        store = FileSystemArtifactStore(base_path=str(run / "artifacts"))
+        for p in pictures:
+            upload_artifact(artifact_store=store, file_path=str(p), study_or_trial=study, mimetype="image/png")
+    except Exception as e:  # pictures and report stand on their own; the dashboard copy is a convenience
+        log.warning("pictures not stored as Optuna artifacts: %s", e)
+
+
+def write_report(run: str | Path, artifacts: bool = False) -> Path:
+    """Draw every picture of a finished run and write its ``report.md``; with ``artifacts`` also attach the
+    pictures to the run's Optuna study (done once, at the end of a search)."""
     run = Path(run)
     result = _read(run, "result.json")
     history = _read(run, "history.json")
@@ -203,6 +223,8 @@ def write_report(run: str | Path) -> Path:
         if rhos:
             lines += ["", f"Rank correlation between stage-1 and stage-2 scores: mean {sum(rhos) / len(rhos):.2f} "
                           f"over {len(rhos)} generations."]
+    if artifacts:
+        _store_artifacts(run, env, pictures)
     lines += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
     out = run / "report.md"
     from evoreap.allocation import write_text_atomic

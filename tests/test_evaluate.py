@@ -58,3 +58,14 @@ def test_report_and_pictures_are_written(searched):
     for pic in ("allocation.png", "history.png", "saliency.png", "domain_usage.png"):
         assert (run / pic).stat().st_size > 5000 and f"]({pic})" in text
     assert "## Held-out" in text and "uniform (reap_x_frequency)" in text
+
+
+def test_pictures_are_optuna_artifacts_of_the_study(searched):
+    import optuna
+    from optuna.artifacts import get_all_artifact_meta
+
+    run = searched / "runs" / "r"
+    env = json.loads((run / "environment.json").read_text())
+    study = optuna.load_study(study_name=env["study"], storage=env["storage"])
+    names = sorted(m.filename for m in get_all_artifact_meta(study))
+    assert names == ["allocation.png", "domain_usage.png", "history.png", "saliency.png"]

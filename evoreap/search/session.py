@@ -235,7 +235,7 @@ class SearchSession:
             try:
                 from evoreap.report import write_report
 
-                write_report(self.run.path)
+                write_report(self.run.path, artifacts=True)
             except ImportError as e:  # plotting is an optional extra
                 log.warning("no pictures or report (%s); pip install 'evoreap[plot]'", e)
         print(f"run directory: {self.run.path}  (best allocation: {self.run.path / 'best_allocation.json'})")
