@@ -1,7 +1,6 @@
 """The contamination guard refuses overlapping calibration/search/held-out data."""
 
 import json
-import time
 
 import pytest
 
@@ -12,9 +11,7 @@ DEMO_ROLES = {"calibration": ("demo", "calibration"), "search": ("demo", "search
 
 
 def test_bundled_splits_pass():
-    t = time.time()
     assert check_overlap(DEMO_ROLES) == []
-    assert time.time() - t < 60
 
 
 def test_same_split_in_two_roles_is_refused_with_sources_and_fraction():

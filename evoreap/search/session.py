@@ -122,7 +122,8 @@ class SearchSession:
                                     load_if_exists=True)
         if not args.worker:
             study.set_user_attr("space", space.describe())
-            run.environment({"observation_key": key, "storage": storage_url, "study": study.study_name, "allowed_overlaps": overlaps, "data": {
+            run.environment({"observation_key": key, "storage": storage_url, "study": study.study_name,
+                             "allowed_overlaps": overlaps, "data": {
                 "calibration": calib.file_hashes, "search": search.file_hashes, "heldout": heldout.file_hashes}})
         log.info("set-up: %s, %d MoE layers x %d experts, budget %s -> %d experts kept (uniform %s), run %s (%.1fs)",
                  adapter.name, len(space.layers), adapter.num_experts, space.budget.described, space.total,
