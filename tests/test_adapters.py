@@ -110,3 +110,10 @@ def test_group_limited_keep_counts():
         adapter.check_keep_count(1, 10)
     with pytest.raises(Exception, match="between 8"):
         adapter.check_keep_count(1, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_expert_params_per_layer_match_the_config_formula(arch):
+    model = tiny_model(arch)
+    adapter = MoEAdapter.for_model(model)
+    assert adapter.expert_params_per_layer(model) == (adapter.expert_params(),) * len(adapter.moe_layer_indices)

@@ -114,3 +114,31 @@ def test_trials_carry_params_constraint_and_attrs():
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_layers_of_unequal_expert_size_share_a_parameter_budget():
+    """The budget is in parameters: with unequal expert sizes every seed, child and result stays within it and
+    uses it (no fixed expert count), and the search still beats uniform."""
+    import random
+
+    cfg = tiny_config("qwen3_moe", num_hidden_layers=8, mlp_only_layers=[], num_experts=32)
+    adapter = MoEAdapter(cfg)
+    sizes = (100, 100, 300, 300, 200, 200, 100, 400)
+    budget = Budget(int(0.5 * 32 * sum(sizes)), "half of the routed-expert parameters")
+    space = SearchSpace.build(adapter, SpaceSettings(), budget, params_per_expert=sizes)
+    assert not space.equal_sizes and space.uniform == (16,) * 8
+    assert space.routed_params(space.uniform) <= budget.params
+    rng = random.Random(0)
+    parent = space.uniform
+    for _ in range(300):
+        child = evolution.mutate(parent, space, rng)
+        assert space.is_feasible(child)
+        room = budget.params - space.routed_params(child)
+        # the budget is used: no layer could take one more step of experts within what is left
+        assert all(k + space.step > hi or space.step * p > room for k, hi, p in zip(child, space.upper, sizes))
+        parent = child
+    for seed in evolution.pattern_seeds(space).values():
+        assert space.is_feasible(seed)
+    scorer, _ = toy_scorer(WEIGHTS)
+    res = Leader(optuna.create_study(), space, scorer, SETTINGS, curves=None).run()
+    assert space.is_feasible(tuple(res["best"])) and res["best_value"] <= res["uniform_value"]

@@ -103,6 +103,11 @@ class MoEAdapter:
         h, i = self.config.hidden_size, getattr(self.config, self.spec.expert_width_key)
         return 3 * h * i + ((2 * i + h) if self.spec.expert_bias else 0)
 
+    def expert_params_per_layer(self, model: torch.nn.Module) -> tuple[int, ...]:
+        """Parameters of one routed expert in each MoE layer, read from the modules (works on a meta model)."""
+        return tuple(sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+                     for layer in self.layers(model))
+
     def min_keep(self) -> int:
         """The fewest experts a layer may keep: top-k, and for group-limited routing at least two per group (the
         group score sums each group's best two) and enough per group that the ``topk_group`` chosen groups hold

@@ -42,6 +42,15 @@ def marginal_loss(curve: list[float], k: int, step: int) -> float:
 def analytic_seed(space: SearchSpace, curves: list[list[float]]) -> Alloc:
     """Start from the floors and hand out steps to the layer whose next step keeps the most mass share."""
     c = list(space.lower)
+    if not space.equal_sizes:  # gain per parameter decides, while the step still fits the budget
+        while True:
+            room = space.budget.params - space.routed_params(tuple(c))
+            options = [(marginal_gain(curves[i], c[i], space.step) / space.params_per_expert[i], -i)
+                       for i in range(len(c)) if c[i] + space.step <= space.upper[i]
+                       and space.step * space.params_per_expert[i] <= room]
+            if not options:
+                return tuple(c)
+            c[-max(options)[1]] += space.step
     left = space.total - sum(c)
     while left > 0:
         best = max((marginal_gain(curves[i], c[i], space.step), -i) for i in range(len(c))
@@ -101,7 +110,8 @@ def mutate(parent: Alloc, space: SearchSpace, rng: random.Random, curves: list[l
             b = rng.choice(rest)
         c[a] -= delta
         c[b] += delta
-    return tuple(c)
+    # unequal expert sizes: a switch can break or under-use the parameter budget; fit it again
+    return tuple(c) if space.equal_sizes else space.fit(c)
 
 
 def offspring(parents: list[Alloc], space: SearchSpace, rng: random.Random, count: int, seen: set[Alloc],

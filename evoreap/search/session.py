@@ -69,6 +69,9 @@ class SearchSession:
 
         loaded = load_model(args.model, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code)
+        sizes = adapter.expert_params_per_layer(loaded.model)
+        if len(set(sizes)) > 1:  # layers of unequal expert size share the budget in parameters
+            space = SearchSpace.build(adapter, load_space_settings(args.space), space.budget, params_per_expert=sizes)
         tok = loaded.tokenizer
         overlaps = _guard_overlap(args, tok)
         calib = load_tokens(args.calib_data, tok, split="calibration", seq_len=args.seq_len, tokens=args.calib_tokens,

@@ -120,7 +120,11 @@ class SearchSpace:
     uniform: tuple[int, ...]
 
     @classmethod
-    def build(cls, adapter: MoEAdapter, settings: SpaceSettings, budget: Budget) -> SearchSpace:
+    def build(cls, adapter: MoEAdapter, settings: SpaceSettings, budget: Budget,
+              params_per_expert: tuple[int, ...] | None = None) -> SearchSpace:
+        """Bounds and the uniform allocation for ``adapter``'s MoE layers. ``params_per_expert`` (one per MoE
+        layer; default: the architecture's one expert size) lets layers of unequal expert size share the budget:
+        the budget is always in parameters."""
         e, layers = adapter.num_experts, tuple(adapter.moe_layer_indices)
         step = settings.step
         if adapter.n_group > 1:
@@ -135,7 +139,11 @@ class SearchSpace:
         if hi < lo:
             raise UsageError(f"per-layer bounds are empty: floor {lo} > ceiling {hi} (max_keep {settings.max_keep}, "
                              f"step {step}); fix the search space")
-        ppe = (adapter.expert_params(),) * len(layers)
+        ppe = tuple(params_per_expert) if params_per_expert else (adapter.expert_params(),) * len(layers)
+        if len(ppe) != len(layers):
+            raise UsageError(f"{len(ppe)} expert sizes given for {len(layers)} MoE layers")
+        if len(set(ppe)) > 1:
+            return cls._build_unequal(layers, lo, hi, step, ppe, budget, settings)
         # The most experts the budget allows, in whole steps per layer.
         total = min(budget.params // ppe[0], hi * len(layers))
         total -= total % step
@@ -157,17 +165,62 @@ class SearchSpace:
                              f"with step {step}; widen the search space")
         return cls(layers, lows, highs, step, ppe, budget, total, uniform)
 
+    @classmethod
+    def _build_unequal(cls, layers: tuple[int, ...], lo: int, hi: int, step: int, ppe: tuple[int, ...],
+                       budget: Budget, settings: SpaceSettings) -> SearchSpace:
+        """Unequal expert sizes: candidates keep routed params within the budget (not a fixed expert count); the
+        uniform allocation keeps the same count in every layer, the largest whose params fit."""
+        need = lo * sum(ppe)
+        if need > budget.params:
+            raise UsageError(f"budget {budget.described} = {budget.params:,} params is below the floor of {lo} "
+                             f"experts in every layer ({need:,} params); raise the budget or lower the floor")
+        k = min(hi, _round_down(budget.params // sum(ppe), step))
+        uniform = (k,) * len(layers)
+        if settings.max_deviation is not None:
+            dev = settings.max_deviation
+            lows = (max(lo, _round_up(math.ceil(k * (1 - dev) - 1e-9), step)),) * len(layers)
+            highs = (min(hi, _round_down(math.floor(k * (1 + dev) + 1e-9), step)),) * len(layers)
+        else:
+            lows, highs = (lo,) * len(layers), (hi,) * len(layers)
+        return cls(layers, lows, highs, step, ppe, budget, k * len(layers), uniform)
+
+    @property
+    def equal_sizes(self) -> bool:
+        return len(set(self.params_per_expert)) <= 1
+
+    def fit(self, counts: list[int]) -> tuple[int, ...]:
+        """Unequal sizes: drop steps from the largest experts until the budget holds, then add steps where they
+        still fit (smallest experts first), so the budget is used."""
+        c = list(counts)
+        by_size = sorted(range(len(c)), key=lambda j: (-self.params_per_expert[j], j))
+        while self.routed_params(tuple(c)) > self.budget.params:
+            j = next((j for j in by_size if c[j] - self.step >= self.lower[j]), None)
+            if j is None:
+                break
+            c[j] -= self.step
+        grown = True
+        while grown:
+            grown = False
+            for j in reversed(by_size):
+                room = self.budget.params - self.routed_params(tuple(c))
+                if c[j] + self.step <= self.upper[j] and self.step * self.params_per_expert[j] <= room:
+                    c[j] += self.step
+                    grown = True
+        return tuple(c)
+
     def routed_params(self, counts: tuple[int, ...]) -> int:
         return sum(k * p for k, p in zip(counts, self.params_per_expert))
 
     def is_feasible(self, counts: tuple[int, ...]) -> bool:
-        return (len(counts) == len(self.layers) and sum(counts) == self.total
+        return (len(counts) == len(self.layers) and (sum(counts) == self.total or not self.equal_sizes)
                 and all(a <= k <= b and k % self.step == 0 for k, a, b in zip(counts, self.lower, self.upper))
                 and self.routed_params(counts) <= self.budget.params)
 
     def repair(self, counts: list[int]) -> tuple[int, ...]:
         """Clip to bounds and steps, then move single steps until the total is exact (a feasible neighbour)."""
         c = [min(b, max(a, _round_down(k, self.step))) for k, a, b in zip(counts, self.lower, self.upper)]
+        if not self.equal_sizes:
+            return self.fit(c)
         diff = self.total - sum(c)
         i = 0
         order = sorted(range(len(c)), key=lambda j: -counts[j]) if diff > 0 else \
