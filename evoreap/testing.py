@@ -35,7 +35,8 @@ def tiny_config(model_type: str, **overrides: Any):
                                   moe_intermediate_size=32, intermediate_size=64, first_k_dense_replace=1,
                                   q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                   v_head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                  **{k: v for k, v in _COMMON.items() if k != "head_dim"})
+                                  # MLA with fewer KV heads than heads fails in SDPA on padded batches
+                                  **{k: v for k, v in _COMMON.items() if k != "head_dim"} | {"num_key_value_heads": 4})
     elif model_type == "glm4_moe":
         cfg = tf.Glm4MoeConfig(n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1,
                                routed_scaling_factor=1.5, norm_topk_prob=True, n_shared_experts=1,

@@ -117,3 +117,14 @@ def test_expert_params_per_layer_match_the_config_formula(arch):
     model = tiny_model(arch)
     adapter = MoEAdapter.for_model(model)
     assert adapter.expert_params_per_layer(model) == (adapter.expert_params(),) * len(adapter.moe_layer_indices)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tiny_models_run_padded_batches(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 256, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[1, 4:]).all()

@@ -120,7 +120,8 @@ class SearchSession:
         storage = open_storage(storage_url)
         # One study per run and settings: runs sharing a --storage URL never see each other's trials. The model's
         # path is left out so that workers on other machines (other paths, same weights) join the same study.
-        study_name = f"{STUDY_NAME}-{run.path.name}-" + identity_hash({k: v for k, v in identity.items() if k != "model"})
+        portable = {k: v for k, v in identity.items() if k != "model"}
+        study_name = f"{STUDY_NAME}-{run.path.name}-{identity_hash(portable)}"
         study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                     load_if_exists=True)
         if not args.worker:
