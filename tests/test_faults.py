@@ -345,7 +345,8 @@ def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, s
     take trials as soon as the leader queues them, however fast the leader is."""
     runs = tmp_path / "runs"
     args = ["search", "--model", str(small_model_dir), "--runs-dir", str(runs), "--cache-dir",
-            str(search_ref["cache"]), "--run", "w", *SEARCH, "--generations", "4"]
+            str(search_ref["cache"]), "--run", "w", *SEARCH, "--generations", "4",
+            "--fidelities", "1024,2048,4096"]  # trials long enough that the waiting worker surely takes some
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     db, victim = runs / "w" / "study.db", None
     worker = subprocess.Popen(cli(*args, "--worker"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

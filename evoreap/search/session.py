@@ -155,7 +155,7 @@ class SearchSession:
         """A worker: score queued trials until the leader marks the study done."""
         while not self.study.user_attrs.get("done"):
             if work_queue(self.study, self.space, self.scorer) == 0:
-                time.sleep(0.3)
+                time.sleep(0.1)
             self.study = optuna.load_study(study_name=self.study.study_name, storage=self.study._storage)
 
     def lead(self) -> dict[str, Any]:
