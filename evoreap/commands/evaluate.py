@@ -33,7 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="observation/reference cache")
     p.add_argument("--generate", type=int, default=32, help="greedy tokens generated per domain prompt (0: none)")
     p.add_argument("--allow-overlap", action="store_true", help="evaluate even on data the pruning was fitted to")
-    p.add_argument("--lm-eval", default=None, help="also run lm-eval-harness tasks (needs the lm-eval package)")
+    h = p.add_argument_group("lm-eval-harness (the lm_eval extra)")
+    h.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="also run these comma-separated lm-eval tasks on the unpruned and the pruned model; "
+                        "evoreap_demo (or evoreap_demo_math, _tools, _ppl_<domain>) are bundled and need no hub")
+    h.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="directory of your own lm-eval task YAMLs (local data_files need no hub); repeatable")
+    h.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="at most N documents per task")
+    h.add_argument("--lm-eval-batch-size", type=int, default=8, help="lm-eval batch size")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
 
 
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from evoreap.models import load_model
     from evoreap.reference import reference_cached
 
+    harness = _harness(args)  # a missing package or an unknown task fails before any model work
     meta_file = _pruning_meta(args)
     meta = meta_file.get("meta", meta_file)
     fitted = {role: (meta[key], split) for role, key, split in
@@ -114,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
               if meta.get(key)}
     if fitted:
         check_overlap({**fitted, "evaluation": (args.data, "heldout")}, allow=args.allow_overlap)
+        if harness and any(t.startswith("evoreap_demo") for t in harness[0].tasks):  # built from the demo's heldout
+            check_overlap({**fitted, "lm-eval demo task": ("demo", "heldout")}, allow=args.allow_overlap)
     loaded = load_model(args.model or meta.get("model"), dtype=args.dtype, device=args.device,
                         trust_remote_code=args.trust_remote_code)
     cand = _candidate(args, loaded, meta_file)  # a bad allocation fails before any reference is computed and cached
@@ -130,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
                                                  for c in (full, cand)}}
     report = {"model": loaded.path, "data": args.data, "tokens": data.num_tokens, "results": rows,
               "generations": gens}
-    if args.lm_eval:
-        report["lm_eval"] = _lm_eval(cand, loaded.tokenizer, args.lm_eval)
+    if harness:
+        report["lm_eval"] = _lm_eval((full, cand), loaded.tokenizer, *harness)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -139,18 +149,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lm_eval(cand, tokenizer, tasks: str) -> dict:
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise UsageError("--lm-eval needs the lm-eval package: pip install lm-eval") from None
+def _harness(args: argparse.Namespace):
+    if not args.lm_eval:
+        if args.lm_eval_include or args.lm_eval_limit is not None:
+            raise UsageError("--lm-eval-include/--lm-eval-limit need --lm-eval TASKS")
+        return None
+    from evoreap.harness import HarnessSettings, parse_tasks, task_manager
+    from evoreap.reference import cache_root
+
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        raise UsageError(f"--lm-eval-limit must be at least 1, got {args.lm_eval_limit}")
+    settings = HarnessSettings(parse_tasks(args.lm_eval), tuple(args.lm_eval_include), args.lm_eval_limit,
+                               args.lm_eval_batch_size, args.seed)
+    return settings, task_manager(settings, cache_root(args.cache_dir))
+
+
+def _lm_eval(candidates, tokenizer, settings, manager) -> dict:
+    """lm-eval metrics per task, for each candidate (a masked one under its masks)."""
+    from evoreap.harness import run_harness
     from evoreap.masking import masked
 
-    with masked(cand.model, cand.adapter, cand.masks or {}):
-        out = lm_eval.simple_evaluate(model=HFLM(pretrained=cand.model, tokenizer=tokenizer),
-                                      tasks=[t.strip() for t in tasks.split(",") if t.strip()])
-    return out.get("results", {})
+    results = {}
+    for cand in candidates:
+        log.info("lm-eval %s on %s", ",".join(settings.tasks), cand.name)
+        with masked(cand.model, cand.adapter, cand.masks or {}):
+            results[cand.name] = run_harness(cand.model, tokenizer, settings, manager)
+    return results
 
 
 def _print(report: dict) -> None:
@@ -167,7 +191,23 @@ def _print(report: dict) -> None:
             v = r["overall"] if d == "overall" else r["per_domain"][d]
             line += f"{v['nll']:7.3f}{v['ppl']:8.1f}{v['kl']:7.3f}{v['esap']:6.3f}{v['top1']:6.3f}"
         print(line)
+    if "lm_eval" in report:
+        _print_lm_eval(report["lm_eval"], names)
     for domain, g in report["generations"].items():
         print(f"\n[{domain}] prompt: {g['prompt']!r}")
         for n in names:
             print(f"  {n:18s} {g[n]!r}")
+
+
+def _print_lm_eval(results: dict, names: list[str]) -> None:
+    print(f"\nlm-eval{'':29s}" + "".join(f"{n:>20s}" for n in names))
+    first = results[names[0]]
+    for task in first:
+        for metric in first[task]:
+            if metric.endswith("_stderr") or metric == "sample_len":
+                continue
+            cells = ""
+            for n in names:
+                v, err = results[n][task].get(metric), results[n][task].get(f"{metric}_stderr")
+                cells += f"{v:>20.4f}" if err is None else f"{f'{v:.4f} ± {err:.4f}':>20s}"
+            print(f"{task[:24]:24s} {metric[:11]:11s}" + cells)
