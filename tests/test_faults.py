@@ -339,14 +339,13 @@ def victim_key(db: Path, trial_id: int) -> str:
         con.close()
 
 
-def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, search_ref):
-    """SIGKILL a worker while it scores a trial: the leader fails that trial, asks for it again and finishes with
-    every candidate scored once. The worker is started by hand first (as on another machine) so that it is ready to
-    take trials as soon as the leader queues them, however fast the leader is."""
-    runs = tmp_path / "runs"
+def _run_and_kill_worker(small_model_dir, root, search_ref):
+    """A leader and a hand-started worker on one study; SIGKILL the worker as soon as it holds a trial."""
+    runs = root / "runs"
+    root.mkdir(parents=True)
     args = ["search", "--model", str(small_model_dir), "--runs-dir", str(runs), "--cache-dir",
             str(search_ref["cache"]), "--run", "w", *SEARCH, "--generations", "4",
-            "--fidelities", "1024,2048,4096"]  # trials long enough that the waiting worker surely takes some
+            "--fidelities", "1024,2048,4096"]  # trials long enough that the waiting worker takes some
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     db, victim = runs / "w" / "study.db", None
     worker = subprocess.Popen(cli(*args, "--worker"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -355,7 +354,8 @@ def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, s
     while not db.exists() and time.time() < deadline:  # the worker has set up and waits for queued trials
         time.sleep(0.05)
     time.sleep(1.0)
-    leader = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = root / "leader.err"  # a file, not a pipe: a full pipe would stall the leader while we poll
+    leader = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)
     try:
         while victim is None and leader.poll() is None and time.time() < deadline:
             try:
@@ -367,15 +367,30 @@ def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, s
             except sqlite3.OperationalError:  # the schema is being created
                 pass
             time.sleep(0.005)
-        _, err = leader.communicate(timeout=300)
+        leader.wait(timeout=300)
     finally:
         for p in (leader, worker):
             if p.poll() is None:
                 p.kill()
         worker.wait()
+    return runs, victim, log.read_bytes(), leader
+
+
+def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, search_ref):
+    """SIGKILL a worker while it scores a trial: the leader fails that trial, asks for it again and finishes with
+    every candidate scored once. The worker is started by hand first (as on another machine) so that it is ready to
+    take trials as soon as the leader queues them, however fast the leader is."""
+    # Which process takes a trial first is up to the OS scheduler; an attempt in which the leader happened to take
+    # every trial tests nothing, so it is repeated on a fresh run (the recovery asserts below run on the first
+    # attempt that killed a worker mid-trial).
+    for attempt in range(3):
+        runs, victim, err, leader = _run_and_kill_worker(small_model_dir, tmp_path / f"try{attempt}", search_ref)
+        if victim is not None:
+            break
     assert victim is not None, "the worker never held a trial"
     assert leader.returncode == 0, err.decode()[-2000:]
     assert "re-queueing" in err.decode()
+    db = runs / "w" / "study.db"
     rows, states = study_rows(db)
     by_id = {tid: (state, owner) for tid, state, owner in _owners(db)}
     assert by_id[victim[0]][0] == "FAIL"

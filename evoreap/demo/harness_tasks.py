@@ -79,7 +79,9 @@ def _rolling(name: str, data: Path) -> dict:
     return {"task": name, "tag": [GROUP], "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
             "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
             "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+            "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
             "metadata": {"version": VERSION}}
 
 
@@ -104,8 +106,8 @@ def build_tasks(out: Path, final: Path | None = None) -> None:
 
 
 def demo_task_dir(cache_root: Path) -> Path:
-    """The demo tasks under ``cache_root``, built once per corpus version (temporary name, then rename)."""
-    h = hashlib.sha256(f"v{VERSION}".encode())
+    """The demo tasks under ``cache_root``, built once per corpus and task code (temporary name, then rename)."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
     for d in DOMAINS:
         h.update(corpus_path(d, "heldout").read_bytes())
     final = cache_root / "lm_eval_tasks" / h.hexdigest()[:16]
