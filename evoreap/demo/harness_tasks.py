@@ -79,9 +79,9 @@ def _rolling(name: str, data: Path) -> dict:
     return {"task": name, "tag": [GROUP], "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
             "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
             "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
+            "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
+                ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
+                ("bits_per_byte", "bits_per_byte"))],
             "metadata": {"version": VERSION}}
 
 
