@@ -96,7 +96,7 @@ def main() -> None:
 
         a, b = load_file(str(Path(tmp) / "memory.safetensors")), load_file(str(Path(tmp) / "offload.safetensors"))
         diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    print(f"model {args.model or f'synthetic Qwen3-MoE'} ({size:.0f} MiB of safetensors), {args.tokens} tokens\n")
+    print(f"model {args.model or 'synthetic Qwen3-MoE'} ({size:.0f} MiB of safetensors), {args.tokens} tokens\n")
     print("| mode | peak RSS (MiB) | RSS after imports and data (MiB) | observe wall (s) |")
     print("| --- | --- | --- | --- |")
     for mode, r in res.items():

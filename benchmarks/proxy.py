@@ -1,10 +1,11 @@
 """Cost of scoring one candidate (masked forward + nll/kl/esap) against a plain forward on the same tokens.
 
-    python benchmarks/proxy.py            # bundled demo model (falls back to /tmp/demo_try)
+    python benchmarks/proxy.py            # bundled demo model
     python benchmarks/proxy.py --model DIR --samples 32 --seq-len 256 --top-k 64
 
-Prints the median of ``--repeats`` interleaved timings of: a plain forward over the rows, an unmasked evaluate, and a masked
-evaluate (uniform 50% keep), and the ratio masked-evaluate / plain-forward. The reference is built once (timed too).
+Prints the median of ``--repeats`` interleaved timings of: a plain forward over the rows, an unmasked evaluate, and a
+masked evaluate (uniform 50% keep), and the ratio masked-evaluate / plain-forward. The reference is built once
+(timed too).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from evoreap.allocation import Allocation, keep_masks, uniform_keep_for_fraction
 from evoreap.data import load_tokens
-from evoreap.models import DEMO_MODEL_DIR, load_model
+from evoreap.models import load_model
 from evoreap.proxies import evaluate
 from evoreap.reference import reference_cached
 
@@ -39,7 +40,7 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model directory (default: bundled demo, else /tmp/demo_try)")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -50,8 +51,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    name = args.model or (None if (DEMO_MODEL_DIR / "config.json").exists() else "/tmp/demo_try")
-    loaded = load_model(name)
+    loaded = load_model(args.model)
     model, adapter = loaded.model, loaded.adapter
     data = load_tokens("demo", loaded.tokenizer, split="search", seq_len=args.seq_len, samples=args.samples)
     keep = uniform_keep_for_fraction(adapter, args.keep)

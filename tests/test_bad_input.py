@@ -215,6 +215,10 @@ def test_step_that_cannot_meet_the_budget(small_model_dir, data_files, tmp_path,
     ("--seq-len", "0", ["seq-len"]),
     ("--storage", "mysqlx:/nowhere", ["storage", "sqlite:///"]),
     ("--storage", "postgresql://user@127.0.0.1:1/db", ["cannot open storage", "reachable"]),
+    ("--fidelities", "1024,512,2048", ["--fidelities", "three increasing"]),
+    ("--survivors", "1,2", ["--survivors", "not larger"]),
+    ("--generations", "-1", ["--generations", ">= 0"]),
+    ("--proxy-weights", "poetry:1", ["poetry", "not a domain"]),
 ])
 def test_bad_search_setting(small_model_dir, tmp_path, capsys, flag, value, words):
     expect(capsys, 2, words, "search", "--model", small_model_dir, "--budget", "0.5", "--runs-dir",

@@ -21,7 +21,6 @@ BUILTIN = ("reap", "frequency", "gate_mass", "ean", "reap_x_frequency", "max_act
 def synthetic(count, gate_norm, norm=None, prob=None) -> ExpertStats:
     count = torch.tensor(count, dtype=torch.float64)
     gn = torch.tensor(gate_norm, dtype=torch.float64)
-    e = count.numel()
     norm = gn * 2 if norm is None else torch.tensor(norm, dtype=torch.float64)
     prob = count / 3 if prob is None else torch.tensor(prob, dtype=torch.float64)
     one = lambda t: {5: t}  # noqa: E731 - decoder layer 5

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,15 @@ def test_shipped_search_spaces_parse():
     assert {"default", "ep8", "conservative"} <= set(names)
     for n in names:
         load_space_settings(n)
+
+
+def test_lint_finds_no_undefined_names_or_errors():
+    """pyflakes and pycodestyle errors (ruff, settings in pyproject.toml): an undefined name in an error path is a
+    crash that only bad input reaches."""
+    import subprocess
+    import sys
+
+    if subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("ruff is not installed (it is in the test extra)")
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]

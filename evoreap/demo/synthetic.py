@@ -58,7 +58,8 @@ def _calendar(rng: random.Random) -> tuple[str, str, dict, dict, str]:
     hour = rng.randint(8, 17)
     ask = f"Book a meeting with {', '.join(who)} on {day} at {hour}:00."
     ok = rng.random() < 0.7
-    result = {"booked": ok, "room": f"R{rng.randint(100, 499)}"} if ok else {"booked": False, "conflict": rng.choice(who)}
+    result = ({"booked": ok, "room": f"R{rng.randint(100, 499)}"} if ok
+              else {"booked": False, "conflict": rng.choice(who)})
     answer = (f"Booked room {result['room']} on {day} at {hour}:00." if ok
               else f"{result['conflict']} is busy on {day} at {hour}:00; pick another time.")
     return ask, "create_event", {"attendees": who, "day": day, "hour": hour}, result, answer

@@ -15,6 +15,7 @@ import torch
 
 from evoreap.allocation import Allocation, keep_masks, select_experts, write_json_atomic
 from evoreap.data import TokenData, load_tokens
+from evoreap.errors import UsageError
 from evoreap.models import LoadedModel, load_model
 from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
 from evoreap.search.evolution import layer_mass_curves
