@@ -140,3 +140,11 @@ def test_lm_eval_demo_tasks_are_guarded_against_the_fitted_data(searched, small_
     assert code == 2
     err = capsys.readouterr().err
     assert "lm-eval demo task data" in err and "overlaps the calibration data" in err
+
+
+def test_lm_eval_include_must_be_a_directory(small_model_dir, capsys, tmp_path):
+    pytest.importorskip("lm_eval")
+    code = main(["evaluate", "--model", str(small_model_dir), "--cache-dir", str(tmp_path), "--pruned",
+                 str(tmp_path / "nothing"), "--lm-eval", "my_task", "--lm-eval-include", str(tmp_path / "nope")])
+    assert code == 2
+    assert "is not a directory" in capsys.readouterr().err
