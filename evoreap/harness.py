@@ -29,6 +29,13 @@ class HarnessSettings:
     batch_size: int = 8
     seed: int = 0
 
+    @property
+    def uses_demo_tasks(self) -> bool:
+        """Whether any task is a bundled one (built from the demo's held-out split)."""
+        from evoreap.demo.harness_tasks import GROUP
+
+        return any(t.startswith(GROUP) for t in self.tasks)
+
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
     tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
@@ -44,14 +51,14 @@ def task_manager(settings: HarnessSettings, cache_root: Path):
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UsageError(f"--lm-eval needs the lm-eval package: {INSTALL_HINT}") from None
-    from evoreap.demo.harness_tasks import GROUP, demo_task_dir
+    from evoreap.demo.harness_tasks import demo_task_dir
 
     include = []
     for d in settings.include:
         if not Path(d).is_dir():
             raise UsageError(f"--lm-eval-include {d} is not a directory; pass a directory of lm-eval task YAML files")
         include.append(str(Path(d).resolve()))
-    if any(t.startswith(GROUP) for t in settings.tasks):
+    if settings.uses_demo_tasks:
         include.insert(0, str(demo_task_dir(cache_root)))
     manager = TaskManager(include_path=include or None)
     unknown = [t for t in settings.tasks if not manager.match_tasks([t])]

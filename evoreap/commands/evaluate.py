@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
               if meta.get(key)}
     if fitted:
         check_overlap({**fitted, "evaluation": (args.data, "heldout")}, allow=args.allow_overlap)
-        if harness and any(t.startswith("evoreap_demo") for t in harness[0].tasks):  # built from the demo's heldout
+        if harness and harness[0].uses_demo_tasks:
             check_overlap({**fitted, "lm-eval demo task": ("demo", "heldout")}, allow=args.allow_overlap)
     loaded = load_model(args.model or meta.get("model"), dtype=args.dtype, device=args.device,
                         trust_remote_code=args.trust_remote_code)
