@@ -30,11 +30,12 @@ VERSION = 1
 GROUP = "evoreap_demo"
 TOOL_NAMES = ("convert_currency", "create_event", "get_weather", "place_order")
 NUMBER = re.compile(r"-?\d+")
-PPL_DOCS = 40  # held-out documents per domain for the perplexity tasks
+PPL_DOCS = 40  # at most this many held-out documents per domain for the perplexity tasks
 
 
 def math_items(texts: list[str], seed: int = 0) -> list[dict]:
-    """One item per worked problem: answer choices are the true answer and up to three other numbers it shows."""
+    """One item per worked problem with a numeric answer: the choices are that answer and three other numbers the
+    problem shows (problems showing fewer are left out, so chance is always 25 %)."""
     items = []
     for doc in texts:
         for problem in doc.strip().split("\n\n"):
@@ -46,7 +47,7 @@ def math_items(texts: list[str], seed: int = 0) -> list[dict]:
             rng = random.Random(f"{seed}:{head}")
             distractors = rng.sample(others, min(3, len(others)))
             if len(distractors) < 3:
-                continue  # four choices everywhere, so chance is 25 %
+                continue
             choices = sorted([answer, *distractors], key=int)
             items.append({"context": head + "\nAnswer:", "choices": choices, "label": choices.index(answer)})
     return items
@@ -66,23 +67,24 @@ def tool_items(texts: list[str]) -> list[dict]:
     return items
 
 
-def _multiple_choice(name: str, data: Path, delimiter: str) -> dict:
+def _task(name: str, data: Path, fields: dict) -> dict:
+    """An lm-eval task over one local JSONL file (``data``: where the file will lie, absolute)."""
     return {"task": name, "tag": [GROUP], "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
-            "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": delimiter,
+            "test_split": "test", **fields, "metadata": {"version": VERSION}}
+
+
+def _multiple_choice(delimiter: str) -> dict:
+    return {"output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "choices",
+            "doc_to_target": "label", "target_delimiter": delimiter,
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                            for m in ("acc", "acc_norm")],
-            "metadata": {"version": VERSION}}
+                            for m in ("acc", "acc_norm")]}
 
 
-def _rolling(name: str, data: Path) -> dict:
-    return {"task": name, "tag": [GROUP], "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
-            "doc_to_target": "{{text}}",
+def _rolling() -> dict:
+    return {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
             "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
                 ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
-                ("bits_per_byte", "bits_per_byte"))],
-            "metadata": {"version": VERSION}}
+                ("bits_per_byte", "bits_per_byte"))]}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -94,14 +96,13 @@ def build_tasks(out: Path, final: Path | None = None) -> None:
     (the directory ``out`` is renamed to), since lm-eval reads ``data_files`` relative to the working directory."""
     final = (final or out).resolve()
     heldout = {d: load_texts(d, "heldout") for d in DOMAINS}
-    rows = {"evoreap_demo_math": math_items(heldout["math"]), "evoreap_demo_tools": tool_items(heldout["tools"]),
-            **{f"evoreap_demo_ppl_{d}": [{"text": t} for t in heldout[d][:PPL_DOCS]] for d in DOMAINS}}
-    for name, docs in rows.items():
-        data = final / f"{name}.jsonl"
-        # "Answer: 285" in the corpus, but a tool name follows its opening quote directly
-        task = (_rolling(name, data) if "_ppl_" in name else
-                _multiple_choice(name, data, " " if name == "evoreap_demo_math" else ""))
+    # "Answer: 285" in the corpus, but a tool name follows its opening quote directly
+    tasks = {"evoreap_demo_math": (math_items(heldout["math"]), _multiple_choice(" ")),
+             "evoreap_demo_tools": (tool_items(heldout["tools"]), _multiple_choice("")),
+             **{f"evoreap_demo_ppl_{d}": ([{"text": t} for t in heldout[d][:PPL_DOCS]], _rolling()) for d in DOMAINS}}
+    for name, (docs, fields) in tasks.items():
         _write_jsonl(out / f"{name}.jsonl", docs)
+        task = _task(name, final / f"{name}.jsonl", fields)
         (out / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
 
 
