@@ -205,7 +205,7 @@ class Leader:
             scored_top.update(zip(survivors, v))
             elites = self._select(scored_top)
             best = min(scored_top.values())
-            log.info("generation %d: best %.5f (uniform %.5f), %d trials, %s tokens", gen, best,
+            log.info("generation %d: best %.5g (uniform %.5g), %d trials, %s tokens", gen, best,
                      scored_top[space.uniform], len(self.history), f"{self.tokens_spent:,}")
             if self.on_progress:
                 self.on_progress({"generation": gen, "best": best, "tokens": self.tokens_spent,

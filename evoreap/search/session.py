@@ -169,7 +169,7 @@ class SearchSession:
 
         def progress(info: dict[str, Any]) -> None:
             bar.update(1)
-            bar.set_postfix(best=f"{info['best']:.4f}", tokens=f"{info['tokens'] / 1e6:.2f}M", trials=info["trials"])
+            bar.set_postfix(best=f"{info['best']:.4g}", tokens=f"{info['tokens'] / 1e6:.2f}M", trials=info["trials"])
 
         limits = SearchLimits(trials=self.args.trials, time_limit=self.args.time_limit,
                               token_budget=self.args.token_budget)
