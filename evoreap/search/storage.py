@@ -84,9 +84,8 @@ def _sqlite_path(storage: optuna.storages.BaseStorage) -> str | None:
         else None
 
 
-@contextlib.contextmanager
-def _claim_lock(storage: optuna.storages.BaseStorage) -> Iterator[None]:
-    """Serialise claims on SQLite storages across processes.
+def _claim_lock(storage: optuna.storages.BaseStorage) -> contextlib.AbstractContextManager:
+    """What serialises claims across processes: a lock file on SQLite storages, nothing elsewhere.
 
     Optuna's WAITING -> RUNNING check is atomic on PostgreSQL/MySQL (SELECT ... FOR UPDATE) and on journal files
     (log order), but not on SQLite, where two processes can both read WAITING and both take the trial (measured:
@@ -94,11 +93,7 @@ def _claim_lock(storage: optuna.storages.BaseStorage) -> Iterator[None]:
     is single-host, so a lock file beside the database makes the check-and-set one step.
     """
     path = _sqlite_path(storage)
-    if path is None:
-        yield
-        return
-    with filelock.FileLock(path + ".claim.lock", timeout=600):
-        yield
+    return filelock.FileLock(path + ".claim.lock", timeout=600) if path else contextlib.nullcontext()
 
 
 def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
@@ -107,9 +102,10 @@ def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
     Unlike ``study.ask()`` this never creates a fresh trial from the sampler when the queue is empty.
     """
     storage = study._storage
+    claim = _claim_lock(storage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            with _claim_lock(storage):
+            with claim:
                 if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                     continue
             storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, owner_id())
