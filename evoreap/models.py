@@ -57,10 +57,13 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def own_export_code(path: str | Path) -> bool:
     """True when the directory's only Python file is the modeling code this evoreap version writes into non-uniform
-    exports (byte for byte), so loading it runs evoreap's own code, not the directory's."""
+    exports (byte for byte) and config.json's ``auto_map`` points at nothing else, so loading it runs evoreap's own
+    code, not the directory's (or a hub repository's: an ``auto_map`` entry may name one)."""
+    from evoreap.export.core import MODELING_FILE, REMOTE_CLASS
+
     p = Path(path)
     code = sorted(p.glob("*.py")) if p.is_dir() else []
-    if [c.name for c in code] != ["modeling_evoreap.py"]:
+    if [c.name for c in code] != [MODELING_FILE]:
         return False
     try:
         from transformers import AutoConfig
@@ -68,6 +71,8 @@ def own_export_code(path: str | Path) -> bool:
         from evoreap.export import render_modeling
 
         cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("auto_map") != {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}:
+            return False
         config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
         return code[0].read_text() == render_modeling(MoEAdapter(config))
     except Exception:  # anything unexpected: not provably ours
@@ -125,6 +130,7 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    user_trust = trust_remote_code  # the tokenizer runs no code of ours: only the user may allow its auto_map
     trust_remote_code = needs_trust(path, trust_remote_code)
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
@@ -155,4 +161,4 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     model.to(device).eval()
     log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
              len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)
-    return LoadedModel(model, load_tokenizer(path, trust_remote_code=trust_remote_code), path, adapter)
+    return LoadedModel(model, load_tokenizer(path, trust_remote_code=user_trust), path, adapter)

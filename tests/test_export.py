@@ -272,6 +272,27 @@ def test_custom_code_is_refused_and_never_copied(saved, tmp_path):
     assert code == render_modeling(adapter) and "untrusted" not in code and 'MODEL_TYPE = "glm4_moe"' in code
 
 
+
+def test_own_export_code_is_trusted_only_with_its_own_auto_map(saved, tmp_path):
+    """A non-uniform export loads without --trust-remote-code (the code is evoreap's, byte for byte); the same code
+    with one more auto_map entry (which transformers would fetch from that hub repository and run) is refused."""
+    from evoreap.models import needs_trust
+
+    model, adapter, src = saved("qwen3_moe")
+    out = tmp_path / "out"
+    export_pruned(src, out, _allocations(adapter)["nonuniform"], progress=False)
+    assert needs_trust(out, False) is True
+    with pytest.raises(UsageError, match="already a non-uniform evoreap export"):  # our code, but not a source
+        export_pruned(out, tmp_path / "again", _allocations(adapter)["nonuniform"], progress=False)
+    with pytest.raises(UsageError, match="is a file, not a directory"):  # the library refuses it too, not only the CLI
+        export_pruned(src, out / "config.json" / "sub", _allocations(adapter)["nonuniform"], progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["auto_map"]["AutoConfig"] = "someone/repo--configuration_evil.EvilConfig"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="trust-remote-code"):
+        needs_trust(out, False)
+    assert needs_trust(out, True) is True
+
 def _alloc_file(tmp_path, adapter, kept, with_experts=True):
     data = {"format": "evoreap-allocation", "version": 1,
             "layers": {str(layer): len(k) for layer, k in kept.items()},

@@ -87,20 +87,12 @@ def _explicit_experts(data: dict[str, Any], allocation: Allocation, num_experts:
 
 
 def _check_observation_routers(src: str, adapter, observation) -> None:
-    """Refuse an observation whose recorded router fingerprint differs from this checkpoint's routers: its scores
-    would rank another model's experts."""
     from evoreap.export.plan import router_tensor_infos
     from evoreap.export.reader import CheckpointIndex, read_tensor
-    from evoreap.observe.store import router_hash
+    from evoreap.observe.store import check_routers
 
-    want = ((observation.manifest.get("model") or {}).get("fingerprint") or {}).get("router_sha256")
-    if not want:
-        return
     infos = router_tensor_infos(CheckpointIndex(src), adapter)
-    if router_hash({name: read_tensor(info) for name, info in infos.items()}) != want:
-        where = (observation.manifest.get("model") or {}).get("path")
-        raise UsageError(f"observation {observation.key[:12]} was recorded on a model with other router weights"
-                         f"{f' ({where})' if where else ''}, not {src}; observe this model or pass its observation")
+    check_routers(observation, {name: read_tensor(info) for name, info in infos.items()}, src)
 
 
 def _scored_experts(args: argparse.Namespace, src: str, allocation: Allocation, adapter
@@ -182,23 +174,10 @@ def print_plan(adapter, plan, max_shard: int) -> None:
     print(f"loads with        {loads}")
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be created before any weight is read (a file on its path, no write access)."""
-    import os
-
-    parent = Path(out).expanduser().absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if parent != Path(out).expanduser().absolute() and not parent.is_dir():
-        raise UsageError(f"cannot create --out {out}: {parent} is a file, not a directory; choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent} (no write permission); choose a writable --out")
-
-
 def run(args: argparse.Namespace) -> int:
     from evoreap.adapters import MoEAdapter
     from evoreap.export import export_pruned, plan_export
-    from evoreap.export.core import read_source_config
+    from evoreap.export.core import _check_out, read_source_config
     from evoreap.models import load_config, resolve_model
 
     src = resolve_model(args.model)
@@ -206,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"export reads safetensors files from a local directory, and {src} is not one; download the "
                          "model first (e.g. hf download ID --local-dir DIR) and pass --model DIR")
     max_shard = parse_size(args.max_shard_size)
-    _check_writable(args.out)
+    if not args.dry_run:  # a bad --out fails before any weight is read or scored
+        _check_out(Path(args.out).expanduser().absolute(), args.overwrite)
     read_source_config(Path(src), args.trust_remote_code)  # refuse custom code before running any of it
     adapter = MoEAdapter(load_config(src, trust_remote_code=args.trust_remote_code))
     kept, allocation, meta = resolve_kept(args, src, adapter)

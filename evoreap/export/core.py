@@ -58,11 +58,9 @@ def read_source_config(src: Path, trust_remote_code: bool) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvoreapError(f"{path} is not valid JSON ({e})") from None
-    code = sorted(p.name for p in src.glob("*.py"))
-    if (raw.get("auto_map") or code) and not trust_remote_code:
-        what = f"custom code ({', '.join(code[:3]) or 'auto_map in config.json'})"
-        raise UsageError(f"{src} ships {what}; evoreap refuses models with custom code unless you pass "
-                         "--trust-remote-code (read that code first); the export never copies it")
+    from evoreap.models import needs_trust
+
+    needs_trust(src, trust_remote_code)  # refuses custom code (the export never copies it) unless allowed
     if COUNTS_KEY in raw:
         raise UsageError(f"{src} is already a non-uniform evoreap export; prune the original model instead")
     return raw
@@ -116,10 +114,18 @@ def render_modeling(adapter: MoEAdapter) -> str:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` (absolute) that is a file, is not empty (without ``overwrite``) or cannot be created."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose a new path")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if parent != out and not parent.is_dir():
+        raise UsageError(f"cannot create --out {out}: {parent} is a file, not a directory; choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent} (no write permission); choose a writable --out")
 
 
 def plan_export(src: str | Path, kept: dict[int, list[int]], *, trust_remote_code: bool = False
