@@ -85,13 +85,6 @@ def data_fingerprint(data: TokenData) -> str:
     return h.hexdigest()
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$EVOREAP_CACHE``, else ``~/.cache/evoreap`` (the observation cache's root)."""
-    from evoreap.observe.store import cache_root as store_root
-
-    return store_root(cache_dir)
-
-
 def reference_key(model_fp: str, data_fp: str, top_k: int) -> str:
     blob = json.dumps({"format": FORMAT, "version": VERSION, "model": model_fp, "data": data_fp, "top_k": top_k},
                       sort_keys=True)
@@ -281,6 +274,8 @@ def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64
 
     ``cache_dir`` is the cache root (default :func:`cache_root`); entries live under ``<root>/reference/<key>``.
     """
+    from evoreap.observe.store import cache_root
+
     root = cache_root(cache_dir)
     key = reference_key(model_fingerprint(model), data_fingerprint(data), top_k)
     directory = root / "reference" / key

@@ -119,6 +119,26 @@ def test_interrupted_run_resumes_to_identical_sums(tmp_path):
     assert not partial[0].exists()
 
 
+
+def test_checkpoint_of_another_row_order_is_not_resumed(tmp_path):
+    """The same rows per domain in another interleaving share the key (a finished observation is order-free), but
+    a checkpoint after k batches covers other rows then: it is discarded, never resumed (no row counted twice)."""
+    data = make_data(n=10)
+    order = [i for i in range(10) if i % 2] + [i for i in range(10) if not i % 2]  # domain b first, then a
+    swapped = data.subset(order)
+    lm = loaded_tiny("glm4_moe")
+    want = observe(lm.model, lm.adapter, swapped, batch_size=2, progress=False)
+
+    counter = ForwardCounter(lm.model, fail_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        observe_cached(lm, data, cache_dir=tmp_path, batch_size=2, progress=False, checkpoint_every=1)
+    counter.remove()
+    counter = ForwardCounter(lm.model)
+    key, got = observe_cached(lm, swapped, cache_dir=tmp_path, batch_size=2, progress=False, checkpoint_every=1)
+    counter.remove()
+    assert counter.n == 5  # started over
+    assert equal(got, want)
+
 def test_refuses_corrupted_foreign_and_escaping_files(tmp_path):
     lm, data = loaded_tiny("mixtral"), make_data()
     key, _ = observe_cached(lm, data, cache_dir=tmp_path, batch_size=3, progress=False)
@@ -183,3 +203,22 @@ def test_show_with_another_model_is_refused(small_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["observe", "--show", key, "--model", str(other), "--cache-dir", cache]) == 2
     assert "was made for another model" in capsys.readouterr().err
+
+
+def test_router_check_rounds_to_the_observed_dtype(tmp_path):
+    """An fp32 checkpoint observed in bfloat16 carries the fingerprint of its rounded routers: the fp32 tensors read
+    from its files pass the check once rounded the same way; other weights are still refused."""
+    from types import SimpleNamespace
+
+    from evoreap.observe.store import check_routers, router_hash
+
+    g = torch.Generator().manual_seed(0)
+    fp32 = {f"{i}.weight": torch.randn(8, 16, generator=g) for i in range(3)}
+    manifest = {"model": {"dtype": "bfloat16", "path": "m",
+                          "fingerprint": {"router_sha256": router_hash({n: t.bfloat16() for n, t in fp32.items()})}}}
+    obs = SimpleNamespace(manifest=manifest, key="k" * 64)
+    assert router_hash(fp32) != manifest["model"]["fingerprint"]["router_sha256"]  # without rounding: refused
+    check_routers(obs, fp32, "ckpt")
+    other = {**fp32, "2.weight": fp32["2.weight"] + 0.05}
+    with pytest.raises(UsageError, match="other router weights"):
+        check_routers(obs, other, "ckpt")

@@ -79,14 +79,14 @@ def _candidate(args, loaded, data_meta):
                     masks[int(layer)] = m
         else:
             from evoreap.criteria import score_experts
-            from evoreap.observe.store import load_observation
+            from evoreap.observe.store import check_routers, load_observation, router_tensors
 
             key = args.observation or alloc.meta.get("observation_key")
             criterion = args.criterion or alloc.meta.get("criterion")
             if not key or not criterion:
                 raise UsageError("the allocation lists no experts; pass --observation KEY and --criterion NAME")
             obs = load_observation(key, cache_dir=args.cache_dir)
-            _check_routers(obs, loaded)
+            check_routers(obs, router_tensors(loaded.model, loaded.adapter), str(loaded.path))
             masks = keep_masks(loaded.adapter, alloc, score_experts(obs.stats, criterion))
         return Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
     from evoreap.models import load_model
@@ -94,17 +94,6 @@ def _candidate(args, loaded, data_meta):
     # evoreap's own modeling code in a non-uniform export is recognised byte for byte (evoreap.models.needs_trust)
     pruned = load_model(args.pruned, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     return Candidate("pruned (exported)", pruned.model, MoEAdapter.for_model(pruned.model))
-
-
-def _check_routers(obs, loaded) -> None:
-    """Refuse an observation recorded on other router weights: its scores would rank another model's experts."""
-    from evoreap.observe.store import router_hash, router_tensors
-
-    model = obs.manifest.get("model") or {}
-    want = (model.get("fingerprint") or {}).get("router_sha256")
-    if want and router_hash(router_tensors(loaded.model, loaded.adapter)) != want:
-        raise UsageError(f"observation {obs.key[:12]} was recorded on a model with other router weights "
-                         f"({model.get('path')}), not {loaded.path}; observe this model or pass its observation")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,7 +144,7 @@ def _harness(args: argparse.Namespace):
             raise UsageError("--lm-eval-include/--lm-eval-limit need --lm-eval TASKS")
         return None
     from evoreap.harness import HarnessSettings, parse_tasks, task_manager
-    from evoreap.reference import cache_root
+    from evoreap.observe.store import cache_root
 
     if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
         raise UsageError(f"--lm-eval-limit must be at least 1, got {args.lm_eval_limit}")

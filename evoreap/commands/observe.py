@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -78,12 +79,19 @@ def _show(args: argparse.Namespace) -> int:
 
     expect = None
     if args.model is not None:  # --model given: the observation must have been made with that model
-        from evoreap.models import load_model
-        from evoreap.observe.store import describe_model
+        from evoreap.models import resolve_model
 
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
-        expect = describe_model(loaded)["fingerprint"]["sha256"]
+        if Path(resolve_model(args.model)).is_dir():  # config, tokenizer and routers only: no weights are loaded
+            from evoreap.observe.sequential import describe_checkpoint
+
+            info = describe_checkpoint(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)[2]
+        else:
+            from evoreap.models import load_model
+            from evoreap.observe.store import describe_model
+
+            info = describe_model(load_model(args.model, dtype=args.dtype, device=args.device,
+                                             trust_remote_code=args.trust_remote_code))
+        expect = info["fingerprint"]["sha256"]
     obs = load_observation(args.show, cache_dir=args.cache_dir, expect_model_fingerprint=expect)
     stats = obs.stats
     scores = score_experts(stats, args.criterion, min_count=args.min_count, seed=args.seed)

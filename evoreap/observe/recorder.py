@@ -60,10 +60,7 @@ class Recorder:
             raise ValueError("initial statistics do not match the observed layers or domains")
         # Accumulate on each layer's device (or `device`); copies so that `initial` is never modified.
         def where(layer: MoELayer) -> torch.device:
-            if device is not None:
-                return torch.device(device)
-            d = layer.experts.down_proj.device
-            return torch.device("cpu") if d.type == "meta" else d
+            return torch.device(device) if device is not None else layer.experts.down_proj.device
 
         self.acc = {f: {layer.index: getattr(start, f)[layer.index].to(where(layer), copy=True)
                         for layer in layers} for f in FIELDS}

@@ -242,7 +242,9 @@ class SequentialModel:
         stop = n_batches if stop_batch is None else min(stop_batch, n_batches)
         batches = list(range(start_batch, stop))
         moe = {layer.index: layer for layer in self.adapter.layers(self.model)}
-        recorder = Recorder(self.adapter, list(moe.values()), data.domains, initial=initial, device="cpu")
+        # sums live where the layers run (index_add_ needs its indices on the same device); the layers are still
+        # on the meta device here, so the device is named
+        recorder = Recorder(self.adapter, list(moe.values()), data.domains, initial=initial, device=self.device)
         first_moe = min(moe)
         rows = min(len(data), stop * batch_size) - start_batch * batch_size
         elem = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
@@ -299,6 +301,25 @@ class SequentialModel:
         return recorder.result()
 
 
+def describe_checkpoint(model: str | None, *, dtype: str = "float32", device: str = "cpu",
+                        trust_remote_code: bool = False, max_hidden_bytes: int = 2 << 30
+                        ) -> tuple[SequentialModel, Any, dict[str, Any]]:
+    """A local checkpoint's observation identity (:func:`~evoreap.observe.store.model_info`, equal to that of the
+    model loaded in ``dtype``) from its config, tokenizer and router tensors alone; with the meta-device model and
+    the tokenizer, for observing it layer by layer."""
+    from evoreap.models import load_config, load_tokenizer, parse_dtype, resolve_model
+    from evoreap.observe.store import model_info
+
+    path = resolve_model(model)
+    if not Path(path).is_dir():
+        raise UsageError(f"--offload reads local safetensors files; {path} is not a local directory (download it "
+                         "first)")
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    seq = SequentialModel(path, config, dtype=parse_dtype(dtype), device=device, max_hidden_bytes=max_hidden_bytes)
+    return seq, tokenizer, model_info(path, seq.adapter, seq.router_tensors(), tokenizer, parse_dtype(dtype))
+
+
 def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = "float32", device: str = "cpu",
                              seq_len: int = 256, tokens: int | None = None, samples: int | None = None,
                              seed: int = 0, cache_dir: str | None = None, batch_size: int = 8,
@@ -308,20 +329,13 @@ def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = 
     """``evoreap observe --offload``: like :func:`evoreap.observe.store.observe_cached`, without ever holding more
     than one decoder layer. The cache key equals the in-memory one, so either mode reuses the other's result."""
     from evoreap.data import load_tokens
-    from evoreap.models import LoadedModel, load_config, load_tokenizer, parse_dtype, resolve_model
-    from evoreap.observe.store import model_fingerprint, observe_cached
+    from evoreap.models import LoadedModel
+    from evoreap.observe.store import observe_cached
 
-    path = resolve_model(model)
-    if not Path(path).is_dir():
-        raise UsageError(f"--offload reads local safetensors files; {path} is not a local directory (download it "
-                         "first)")
-    config = load_config(path, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    seq = SequentialModel(path, config, dtype=parse_dtype(dtype), device=device, max_hidden_bytes=max_hidden_bytes)
+    seq, tokenizer, info = describe_checkpoint(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                               max_hidden_bytes=max_hidden_bytes)
+    path = info["path"]
     data = load_tokens(data_spec, tokenizer, split=split, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed)
-    info = {"path": path, "architecture": seq.adapter.name, "model_type": seq.adapter.config.model_type,
-            "dtype": str(parse_dtype(dtype)).replace("torch.", ""),
-            "fingerprint": model_fingerprint(seq.adapter.config, seq.router_tensors(), tokenizer)}
     n_batches = -(-len(data) // batch_size)
     loaded = LoadedModel(seq.model, tokenizer, path, seq.adapter)
 

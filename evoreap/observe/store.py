@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from evoreap.data.loader import sha256_file  # noqa: F401 (re-exported: used below and by tests)
 from evoreap import __version__
 from evoreap.allocation import write_json_atomic
+from evoreap.data.loader import sha256_file
 from evoreap.errors import UsageError
 from evoreap.observe.stats import FIELDS, ExpertStats
 
@@ -84,6 +84,23 @@ def router_hash(tensors: dict[str, torch.Tensor]) -> str:
         h.update(t.numpy().tobytes())
     return h.hexdigest()
 
+
+
+def check_routers(observation, routers: dict[str, torch.Tensor], target: str) -> None:
+    """Refuse (UsageError) an observation recorded on other router weights than ``routers`` (those of ``target``):
+    its scores would rank another model's experts. The routers are first rounded to the dtype the observation ran
+    in, as its fingerprint was taken there (an fp32 checkpoint observed with ``--dtype bfloat16``)."""
+    model = observation.manifest.get("model") or {}
+    want = (model.get("fingerprint") or {}).get("router_sha256")
+    if not want:
+        return
+    dtype = getattr(torch, str(model.get("dtype")), None)
+    if isinstance(dtype, torch.dtype):
+        routers = {name: t.to(dtype) for name, t in routers.items()}
+    if router_hash(routers) != want:
+        where = f" ({model['path']})" if model.get("path") else ""
+        raise UsageError(f"observation {observation.key[:12]} was recorded on a model with other router weights"
+                         f"{where}, not {target}; observe this model or pass its observation")
 
 def tokenizer_hash(tokenizer: Any) -> str | None:
     """sha256 of the tokenizer's full serialised state (fast tokenizers) or of its vocabulary."""
@@ -298,13 +315,18 @@ def _write_progress(partial: Path, batches_done: int, stats: ExpertStats, expect
             old.unlink(missing_ok=True)
 
 
+def model_info(path: str | Path, adapter, routers: dict[str, torch.Tensor], tokenizer: Any, dtype: torch.dtype
+               ) -> dict[str, Any]:
+    """Identity and fingerprint of a model run in ``dtype`` (the ``model`` record of an observation)."""
+    return {"path": str(path), "architecture": adapter.name, "model_type": adapter.config.model_type,
+            "dtype": str(dtype).replace("torch.", ""),
+            "fingerprint": model_fingerprint(adapter.config, routers, tokenizer)}
+
+
 def describe_model(loaded) -> dict[str, Any]:
-    """Fingerprint and identity of a :class:`~evoreap.models.LoadedModel`."""
-    model, adapter = loaded.model, loaded.adapter
-    fp = model_fingerprint(adapter.config, router_tensors(model, adapter), loaded.tokenizer)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    return {"path": str(loaded.path), "architecture": adapter.name, "model_type": adapter.config.model_type,
-            "dtype": dtype, "fingerprint": fp}
+    """:func:`model_info` of a resident :class:`~evoreap.models.LoadedModel`."""
+    return model_info(loaded.path, loaded.adapter, router_tensors(loaded.model, loaded.adapter), loaded.tokenizer,
+                      next(loaded.model.parameters()).dtype)
 
 
 def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_size: int = 8,
@@ -332,7 +354,11 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
 
     n_batches = -(-len(data) // batch_size)
     partial = root / f"{key}.partial"
-    expect = {"schema_version": SCHEMA_VERSION, "key": key, "batch_size": batch_size}
+    # The key names the rows of each domain, not how the domains interleave (a finished observation is the same
+    # for any order); a checkpoint at batch k is only valid for the same row order, so progress records it.
+    order = _sha256_bytes(json.dumps(list(data.domains)).encode(),
+                          data.domain_ids.to(torch.int64).contiguous().numpy().tobytes())
+    expect = {"schema_version": SCHEMA_VERSION, "key": key, "batch_size": batch_size, "row_order": order}
     start, stats = 0, None
     if partial.is_dir():
         found = _read_progress(partial, expect, data.domains)
@@ -370,7 +396,3 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
     shutil.rmtree(partial, ignore_errors=True)
     return key, load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"]).stats
 
-
-def list_observations(cache_dir: str | Path | None = None) -> list[Path]:
-    root = observations_dir(cache_dir)
-    return sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
