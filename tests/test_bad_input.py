@@ -226,6 +226,13 @@ def test_bad_search_setting(small_model_dir, tmp_path, capsys, flag, value, word
     assert nothing_in(tmp_path / "runs") and nothing_in(tmp_path / "cache")
 
 
+
+def test_worker_without_run_name(small_model_dir, tmp_path, capsys):
+    """A worker must join the leader's run: without --run it would start a run of its own and wait forever."""
+    expect(capsys, 2, ["--worker needs --run"], "search", "--model", small_model_dir, "--budget", "0.5",
+           "--runs-dir", tmp_path / "runs", "--cache-dir", tmp_path / "cache", *FAST, "--worker")
+    assert nothing_in(tmp_path / "runs") and nothing_in(tmp_path / "cache")
+
 def test_unknown_criterion_in_observe(small_model_dir, tmp_path, capsys):
     expect(capsys, 2, ["did you mean"], "observe", "--model", small_model_dir, "--criterion", "frequncy",
            "--cache-dir", tmp_path / "cache")

@@ -411,6 +411,28 @@ def test_killed_worker_trial_is_failed_and_requeued(small_model_dir, tmp_path, s
     COUNTS["dead_worker"] = {"killed_trial": victim[0], "failed": states.get("FAIL", 0), "complete": len(keys)}
 
 
+
+def test_worker_whose_trial_was_failed_meanwhile_keeps_working(tmp_path):
+    """A worker that stalled past the grace period finds its trial failed by the leader when it reports: it logs
+    that and goes on (before, the tell raised and the worker died)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from evoreap.search import storage as st
+    from evoreap.search.driver import candidate_key, params_of, score_trial
+
+    study = optuna.create_study(storage=st.open_storage(f"sqlite:///{tmp_path / 's.db'}"), direction="minimize")
+    space = _space()
+    st.enqueue(study, params_of(space, space.uniform), {"key": candidate_key(space.uniform, 64), "tokens": 64})
+    trial = st.pop_waiting(study)
+
+    def scorer(counts, tokens):
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # the leader, meanwhile
+        return 1.5, {"per_domain": {"a": 1.5}}
+
+    assert score_trial(study, trial, space, scorer) == 1.5
+    assert study.get_trials()[0].state == TrialState.FAIL
+
 _CLAIMER = """
 import json, sys, time
 import optuna

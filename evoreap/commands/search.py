@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    "postgresql://... or journal:///path.log for many workers")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     r.add_argument("--worker", action="store_true",
-                   help="only score queued trials of the run (start on other machines with the same --storage)")
+                   help="only score queued trials of the run named by --run (start on other machines with the "
+                        "same --run and --storage)")
     r.add_argument("--cache-dir", default=None, help="observation/reference cache (default $EVOREAP_CACHE or "
                                                      "~/.cache/evoreap)")
     r.add_argument("--export", default=None, help="export the best allocation to this directory")
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
         open_storage(args.storage)
     if args.worker:
+        if args.run is None:  # else a worker elsewhere would make a run of its own and wait on an empty study
+            raise UsageError("--worker needs --run NAME: the run name the leader logs on its set-up line")
         _exit_with_leader()
     session = SearchSession.prepare(args)
     if args.worker:

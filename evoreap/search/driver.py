@@ -91,12 +91,15 @@ def score_trial(study: optuna.Study, trial: optuna.trial.Trial, space: SearchSpa
         trial.set_constraint("budget", float(space.routed_params(counts) - space.budget.params))
         with heartbeat(study, trial._trial_id):  # so that a leader can tell this trial from a dead one
             value, attrs = scorer(counts, tokens)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    try:
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    study.tell(trial, value)
+        study.tell(trial, value)
+    except optuna.exceptions.UpdateFinishedTrialError:  # a leader took it for dead (a stall, clocks apart)
+        log.warning("trial %d was failed as dead while it was scored; the leader asks for it again", trial.number)
     return value
 
 

@@ -89,6 +89,7 @@ def mutate(parent: Alloc, space: SearchSpace, rng: random.Random, curves: list[l
     c = list(parent)
     moves = min(rng.randint(1, 3), rng.randint(1, 3))
     n = len(c)
+    grown: set[int] = set()
     for _ in range(moves):
         delta = step * rng.randint(1, max_delta // step)
         donors = [i for i in range(n) if c[i] - delta >= space.lower[i]]
@@ -110,8 +111,9 @@ def mutate(parent: Alloc, space: SearchSpace, rng: random.Random, curves: list[l
             b = rng.choice(rest)
         c[a] -= delta
         c[b] += delta
+        grown.add(b)
     # unequal expert sizes: a switch can break or under-use the parameter budget; fit it again
-    return tuple(c) if space.equal_sizes else space.fit(c)
+    return tuple(c) if space.equal_sizes else space.fit(c, rng, frozenset(grown))
 
 
 def offspring(parents: list[Alloc], space: SearchSpace, rng: random.Random, count: int, seen: set[Alloc],

@@ -58,9 +58,14 @@ class SearchSession:
         from evoreap.models import load_config
 
         adapter = MoEAdapter(load_config(args.model, trust_remote_code=args.trust_remote_code))
-        space = SearchSpace.build(adapter, load_space_settings(args.space),
-                                  Budget.resolve(adapter, fraction=args.budget, params=args.budget_params,
-                                                 gb=args.budget_gb, bits=args.bits))
+        space_settings = load_space_settings(args.space)
+
+        def build(sizes: tuple[int, ...] | None = None) -> SearchSpace:
+            budget = Budget.resolve(adapter, fraction=args.budget, params=args.budget_params, gb=args.budget_gb,
+                                    bits=args.bits, params_per_expert=sizes)
+            return SearchSpace.build(adapter, space_settings, budget, params_per_expert=sizes)
+
+        space = build()  # from the config's expert size: exact unless layers differ (checked once loaded)
         get_criterion(args.criterion)
         proxy = get_proxy(args.proxy)
         weights = parse_proxy_weights(args.proxy_weights) if args.proxy_weights else None
@@ -71,8 +76,8 @@ class SearchSession:
         loaded = load_model(args.model, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code)
         sizes = adapter.expert_params_per_layer(loaded.model)
-        if len(set(sizes)) > 1:  # layers of unequal expert size share the budget in parameters
-            space = SearchSpace.build(adapter, load_space_settings(args.space), space.budget, params_per_expert=sizes)
+        if len(set(sizes)) > 1:  # layers of unequal expert size: the budget and the space in real parameters
+            space = build(sizes)
         tok = loaded.tokenizer
         overlaps = _guard_overlap(args, tok)
         calib = load_tokens(args.calib_data, tok, split="calibration", seq_len=args.seq_len, tokens=args.calib_tokens,
@@ -207,7 +212,7 @@ class SearchSession:
                                                              batch_size=self.args.batch_size)
         for baseline in ("reap", "frequency"):  # the usual uniform baselines, beside the chosen criterion's
             if baseline != self.args.criterion:
-                other = _scores(self.stats, argparse.Namespace(**{**vars(self.args), "criterion": baseline}))
+                other = _scores(self.stats, self.args, baseline)
                 rows[f"uniform ({baseline})"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform, other),
                                                          heldout, proxies=names, reference=ref,
                                                          batch_size=self.args.batch_size)
@@ -292,11 +297,12 @@ def _observe(loaded: LoadedModel, calib: TokenData, args: argparse.Namespace):
                           progress=not args.worker)
 
 
-def _scores(stats, args: argparse.Namespace) -> dict[int, torch.Tensor]:
+def _scores(stats, args: argparse.Namespace, criterion: str | None = None) -> dict[int, torch.Tensor]:
+    """Expert scores by ``criterion`` (default: the run's ``--criterion``) with the run's min-count and seed."""
     from evoreap.criteria import DEFAULT_MIN_COUNT, score_experts
 
     min_count = DEFAULT_MIN_COUNT if args.min_count is None else args.min_count
-    return score_experts(stats, args.criterion, min_count=min_count, seed=args.seed)
+    return score_experts(stats, criterion or args.criterion, min_count=min_count, seed=args.seed)
 
 
 def _model_fp(model: torch.nn.Module) -> str:

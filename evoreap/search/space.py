@@ -14,6 +14,7 @@ Group-limited routers (``n_group`` > 1) add their own divisibility: ``step`` is 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,12 @@ class Budget:
 
     @classmethod
     def resolve(cls, adapter: MoEAdapter, *, fraction: float | None = None, params: int | None = None,
-                gb: float | None = None, bits: float | None = None) -> Budget:
-        full = adapter.num_experts * adapter.expert_params() * len(adapter.moe_layer_indices)
+                gb: float | None = None, bits: float | None = None,
+                params_per_expert: tuple[int, ...] | None = None) -> Budget:
+        """``params_per_expert`` (one per MoE layer, read from the modules) replaces the config's one expert size
+        where layers differ, so that a fraction is of the real routed-expert total."""
+        sizes = params_per_expert or (adapter.expert_params(),) * len(adapter.moe_layer_indices)
+        full = adapter.num_experts * sum(sizes)
         given = [x is not None for x in (fraction, params, gb)]
         if sum(given) != 1:
             raise UsageError("give exactly one of --budget F, --budget-params N, or --budget-gb G (with --bits B)")
@@ -188,25 +193,33 @@ class SearchSpace:
     def equal_sizes(self) -> bool:
         return len(set(self.params_per_expert)) <= 1
 
-    def fit(self, counts: list[int]) -> tuple[int, ...]:
-        """Unequal sizes: drop steps from the largest experts until the budget holds, then add steps where they
-        still fit (smallest experts first), so the budget is used."""
+    def fit(self, counts: list[int], rng: random.Random | None = None, protect: frozenset[int] = frozenset()
+            ) -> tuple[int, ...]:
+        """Unequal sizes: drop steps until the budget holds, then add steps where they still fit, so the budget is
+        used. Without ``rng`` (repair) the largest experts give first and the smallest take first; with it (mutation)
+        the layers are picked at random, never trimming ``protect`` (the layers a move just grew) while another
+        can give, so that fitting does not drift every child towards the small-expert layers."""
         c = list(counts)
         by_size = sorted(range(len(c)), key=lambda j: (-self.params_per_expert[j], j))
+
+        def pick(options: list[int]) -> int | None:
+            if not options:
+                return None
+            return rng.choice(options) if rng is not None else options[0]
+
         while self.routed_params(tuple(c)) > self.budget.params:
-            j = next((j for j in by_size if c[j] - self.step >= self.lower[j]), None)
+            can = [j for j in by_size if c[j] - self.step >= self.lower[j]]
+            j = pick([j for j in can if j not in protect] or can)
             if j is None:
                 break
             c[j] -= self.step
-        grown = True
-        while grown:
-            grown = False
-            for j in reversed(by_size):
-                room = self.budget.params - self.routed_params(tuple(c))
-                if c[j] + self.step <= self.upper[j] and self.step * self.params_per_expert[j] <= room:
-                    c[j] += self.step
-                    grown = True
-        return tuple(c)
+        while True:
+            room = self.budget.params - self.routed_params(tuple(c))
+            j = pick([j for j in reversed(by_size)
+                      if c[j] + self.step <= self.upper[j] and self.step * self.params_per_expert[j] <= room])
+            if j is None:
+                return tuple(c)
+            c[j] += self.step
 
     def routed_params(self, counts: tuple[int, ...]) -> int:
         return sum(k * p for k, p in zip(counts, self.params_per_expert))

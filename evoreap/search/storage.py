@@ -134,13 +134,12 @@ def _beat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
 
 
 @contextlib.contextmanager
-def heartbeat(study: optuna.Study, trial_id: int, interval: float | None = None) -> Iterator[None]:
-    """Beat for ``trial_id`` every ``interval`` seconds while the body runs (a daemon thread)."""
-    interval = HEARTBEAT_INTERVAL if interval is None else interval
+def heartbeat(study: optuna.Study, trial_id: int) -> Iterator[None]:
+    """Beat for ``trial_id`` every ``HEARTBEAT_INTERVAL`` seconds while the body runs (a daemon thread)."""
     stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(interval):
+        while not stop.wait(HEARTBEAT_INTERVAL):
             try:
                 _beat(study._storage, trial_id)
             except Exception:  # a storage hiccup must not kill the scoring; the next beat tries again
@@ -155,15 +154,14 @@ def heartbeat(study: optuna.Study, trial_id: int, interval: float | None = None)
         thread.join()
 
 
-def fail_dead_trials(study: optuna.Study, grace: float | None = None) -> int:
+def fail_dead_trials(study: optuna.Study) -> int:
     """Fail RUNNING trials that nobody is scoring any more; returns how many were failed.
 
     Call it only from a process that holds no trial (the leader between rounds). A trial is dead when its owner
     is a process on this host that is gone, or this very process (a restarted leader that got the same pid, as in
-    containers), or when its beat is older than ``grace`` seconds (any host: Optuna's heartbeat on RDB storages,
+    containers), or when its beat is older than ``GRACE_PERIOD`` seconds (any host: Optuna's heartbeat on RDB storages,
     the ``evoreap:beat`` attr elsewhere).
     """
-    grace = GRACE_PERIOD if grace is None else grace
     host, me = socket.gethostname(), owner_id()
     storage = study._storage
     native = _native_heartbeat(storage)
@@ -177,7 +175,7 @@ def fail_dead_trials(study: optuna.Study, grace: float | None = None) -> int:
         last = beat if isinstance(beat, (int, float)) else started  # killed before its first beat: its start
         if owner == me or (h == host and pid.isdigit() and not _alive(int(pid))):
             dead.append(t._trial_id)
-        elif (not owner or not native) and last is not None and now - last > grace:
+        elif (not owner or not native) and last is not None and now - last > GRACE_PERIOD:
             dead.append(t._trial_id)  # (not owner: killed between claiming the trial and signing it)
     failed = 0
     for trial_id in dead:
