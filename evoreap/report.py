@@ -153,7 +153,7 @@ def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path]) -> No
     optuna-dashboard shows them beside the trials."""
     try:
         import optuna
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+        from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 
         from evoreap.search.storage import open_storage
 
@@ -161,8 +161,20 @@ def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path]) -> No
         study = optuna.load_study(study_name=env["study"], storage=storage)
         (run / "artifacts").mkdir(exist_ok=True)
         store = FileSystemArtifactStore(base_path=str(run / "artifacts"))
+        stored = get_all_artifact_meta(study)
+
+        def already(p: Path) -> bool:  # a finished run run again draws the same pictures: keep one copy each
+            data = p.read_bytes()
+            for m in stored:
+                if m.filename == p.name:
+                    with store.open_reader(m.artifact_id) as f:
+                        if f.read() == data:
+                            return True
+            return False
+
         for p in pictures:
-            upload_artifact(artifact_store=store, file_path=str(p), study_or_trial=study, mimetype="image/png")
+            if not already(p):
+                upload_artifact(artifact_store=store, file_path=str(p), study_or_trial=study, mimetype="image/png")
     except Exception as e:  # pictures and report stand on their own; the dashboard copy is a convenience
         log.warning("pictures not stored as Optuna artifacts: %s", e)
 
