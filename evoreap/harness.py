@@ -8,7 +8,6 @@ the same router masks as evoreap's own numbers, and nothing is re-read from a hu
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 from evoreap.errors import UsageError
 
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "evoreap[lm_eval]" (or: pip install lm-eval)'
 

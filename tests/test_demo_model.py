@@ -1,6 +1,7 @@
 """The bundled demo model and its training script."""
 
 import json
+import re
 
 import pytest
 
@@ -37,4 +38,10 @@ def test_inspect_runs_on_the_demo_with_no_model_named(cmd, capsys):
 
     assert main(cmd) == 0
     out = capsys.readouterr().out
-    assert "Qwen3-MoE" in out and ("32" in out)
+    if "--json" in cmd:
+        info = json.loads(out)
+        assert info["architecture"] == "Qwen3-MoE" and info["top_k"] == 4
+        assert info["experts_per_layer"] == {str(i): 32 for i in range(8)}
+    else:
+        assert re.search(r"^architecture\s+Qwen3-MoE", out, re.M)
+        assert re.search(r"^experts per layer\s+32$", out, re.M) and re.search(r"^top-k\s+4$", out, re.M)

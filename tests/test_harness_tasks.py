@@ -34,9 +34,12 @@ def test_tool_items_label_the_called_tool():
     assert {it["label"] for it in items} == set(range(len(TOOL_NAMES)))
 
 
-def test_task_files_name_local_data_that_exists(tmp_path):
+def test_task_files_name_local_data_that_exists(tmp_path, monkeypatch):
+    from evoreap.demo import harness_tasks
+
     root = demo_task_dir(tmp_path)
-    assert demo_task_dir(tmp_path) == root  # built once
+    monkeypatch.setattr(harness_tasks, "build_tasks", lambda *a: pytest.fail("built twice"))
+    assert demo_task_dir(tmp_path) == root  # built once: the second call finds the finished directory
     yamls = sorted(root.glob("*.yaml"))
     assert [p.stem for p in yamls] == ["evoreap_demo_math", "evoreap_demo_ppl_code", "evoreap_demo_ppl_drama",
                                        "evoreap_demo_ppl_math", "evoreap_demo_ppl_tools", "evoreap_demo_tools"]

@@ -15,9 +15,7 @@ from evoreap.testing import ARCHITECTURES, tiny_model
 
 
 def make_model(arch: str):
-    # DeepSeek-V3's attention (MLA) does not support grouped KV heads with a padding mask in transformers 5.x
-    overrides = {"num_key_value_heads": 4} if arch == "deepseek_v3" else {}
-    model = tiny_model(arch, **overrides)
+    model = tiny_model(arch)
     return model, MoEAdapter.for_model(model)
 
 

@@ -150,8 +150,9 @@ def load_tokens(spec: str | list[DataSource], tokenizer: Any, *, split: str, seq
                 tokens: int | None = None, samples: int | None = None, seed: int = 0) -> TokenData:
     """Load, tokenise and pack the data of ``spec``.
 
-    The number of sequences is ``samples``, or ``ceil(tokens / seq_len)``, or everything available; each source gets
-    its weight's share (at least one sequence). A source with less than one full sequence is an error.
+    The number of sequences asked for is ``samples``, or ``ceil(tokens / seq_len)``, or everything available; each
+    source gets its weight's share rounded up (at least one sequence), so with several sources the total can exceed
+    it by up to one sequence per source. A source with less than one full sequence is an error.
     """
     if seq_len <= 0:
         raise UsageError(f"--seq-len must be a positive number of tokens, got {seq_len}")

@@ -44,10 +44,9 @@ def math_items(texts: list[str], seed: int = 0) -> list[dict]:
                 continue  # "150 remainder 1" and other non-numeric answers are left out
             answer = answer.strip()
             others = sorted({n for n in NUMBER.findall(head) if n != answer}, key=int)
-            rng = random.Random(f"{seed}:{head}")
-            distractors = rng.sample(others, min(3, len(others)))
-            if len(distractors) < 3:
+            if len(others) < 3:
                 continue
+            distractors = random.Random(f"{seed}:{head}").sample(others, 3)
             choices = sorted([answer, *distractors], key=int)
             items.append({"context": head + "\nAnswer:", "choices": choices, "label": choices.index(answer)})
     return items
