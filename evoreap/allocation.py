@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 
 from evoreap.adapters import MoEAdapter
 from evoreap.errors import UsageError
+from evoreap.files import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
 FORMAT = "evoreap-allocation"
 
@@ -113,26 +112,6 @@ class Allocation:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"allocation file {path} is not valid JSON ({e})") from None
         return cls.from_json(data, str(path))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def select_experts(adapter: MoEAdapter, scores: torch.Tensor, keep: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from evoreap.data.spec import DataSource, parse_data_spec
 from evoreap.demo.corpus import corpus_path, load_texts
 from evoreap.errors import EvoreapError, UsageError
+from evoreap.files import sha256_file  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,6 @@ class TokenData:
         index = torch.as_tensor(index, dtype=torch.long)
         return TokenData(self.input_ids[index], self.attention_mask[index], self.domain_ids[index], self.domains,
                          self.fingerprints, self.file_hashes)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _render(record: dict[str, Any], tokenizer: Any, where: str) -> str:
