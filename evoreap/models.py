@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from evoreap.adapters import MoEAdapter
 from evoreap.errors import EvoreapError, UsageError
+from evoreap.export.own_code import MODELING_FILE, is_own_export, own_model_class
 
 log = logging.getLogger(__name__)
 
@@ -55,46 +57,83 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
-def own_export_code(path: str | Path) -> bool:
-    """True when the directory's only Python file is the modeling code this evoreap version writes into non-uniform
-    exports (byte for byte) and config.json's ``auto_map`` points at nothing else, so loading it runs evoreap's own
-    code, not the directory's (or a hub repository's: an ``auto_map`` entry may name one)."""
-    from evoreap.export.core import MODELING_FILE, REMOTE_CLASS
+# Names transformers imports code from when remote code is trusted, besides auto_map entries.
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so", ".pyd")
+_CODE_DIRS = ("custom_generate",)
+_MAX_ENTRIES = 100_000  # a model directory with more entries than this is not one; refuse instead of walking on
 
-    p = Path(path)
-    code = sorted(p.glob("*.py")) if p.is_dir() else []
-    if [c.name for c in code] != [MODELING_FILE]:
-        return False
+
+def code_entries(path: str | Path) -> list[str]:
+    """Everything in a model directory that could make transformers run code when remote code is trusted: Python
+    (or compiled extension) files at any depth, a ``custom_generate/`` folder, a symlinked folder (its contents
+    cannot be vouched for) and ``auto_map`` entries in any ``*config*.json``. Relative names, sorted."""
+    root = Path(path)
+    found: set[str] = set()
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        seen += len(dirnames) + len(filenames)
+        if seen > _MAX_ENTRIES:
+            raise UsageError(f"{root} holds more than {_MAX_ENTRIES:,} files and folders; pass the model's own "
+                             "directory (the one with config.json and the safetensors files)")
+        for d in dirnames:
+            rel = (here / d).relative_to(root).as_posix()
+            if d in _CODE_DIRS:
+                found.add(rel + "/")
+            elif (here / d).is_symlink():
+                found.add(rel + "/ (symlinked folder)")
+        for f in filenames:
+            if f.endswith(_CODE_SUFFIXES):
+                found.add((here / f).relative_to(root).as_posix())
+    for cfg in sorted(root.glob("*config*.json")):
+        try:
+            raw = json.loads(cfg.read_text(encoding="utf-8")) if cfg.stat().st_size < 64 << 20 else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not readable as JSON: transformers cannot read an auto_map from it either
+        nested = [raw, *(v for v in raw.values() if isinstance(v, dict))] if isinstance(raw, dict) else []
+        for d in nested:
+            if isinstance(d, dict) and d.get("auto_map"):
+                found.add(f"{cfg.name}: auto_map")
+    return sorted(found)
+
+
+def own_export(path: str | Path) -> bool:
+    """Whether ``path`` is a non-uniform evoreap export, which evoreap loads with its own in-process class."""
     try:
-        from transformers import AutoConfig
-
-        from evoreap.export import render_modeling
-
-        cfg = json.loads((p / "config.json").read_text())
-        if cfg.get("auto_map") != {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}:
-            return False
-        config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
-        return code[0].read_text() == render_modeling(MoEAdapter(config))
-    except Exception:  # anything unexpected: not provably ours
+        return is_own_export(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 
 
 def needs_trust(path: str | Path, trust_remote_code: bool) -> bool:
-    """Whether to pass ``trust_remote_code=True`` to transformers for a local directory; refuses (UsageError) a
-    directory that carries custom code (``auto_map`` or ``*.py``) unless the user allowed it or it is our own."""
+    """The ``trust_remote_code`` to pass to transformers for ``path``: only ever the user's own flag.
+
+    A local directory carrying code (see :func:`code_entries`) is refused (UsageError) unless the user allowed it.
+    A non-uniform evoreap export may carry exactly its ``modeling_evoreap.py`` and the ``auto_map`` naming it:
+    evoreap never imports that file (it builds the same class from its own template, see
+    :mod:`evoreap.export.own_code`), so they need no trust; anything else in it does.
+    """
     p = Path(path)
     if trust_remote_code or not p.is_dir():
         return trust_remote_code
-    try:
-        custom = "auto_map" in json.loads((p / "config.json").read_text()) or any(p.glob("*.py"))
-    except (OSError, ValueError):
-        return False
-    if not custom:
-        return False
-    if own_export_code(p):
-        return True
-    raise UsageError(f"{path} carries custom model code (auto_map or .py files); evoreap does not run code from a "
-                     "model directory unless you pass --trust-remote-code (read that code first)")
+    entries = code_entries(p)
+    if own_export(p):
+        entries = [e for e in entries if e not in (MODELING_FILE, "config.json: auto_map")]
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise UsageError(f"{path} carries code that transformers would run ({shown}); evoreap runs no code from a "
+                         "model directory unless you pass --trust-remote-code (read that code first)")
+    return False
+
+
+def model_class(path: str | Path, config: Any) -> Any:
+    """What builds the model of ``path``: evoreap's in-process class for its own non-uniform exports (so no file of
+    the directory is imported), else transformers' AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    if Path(path).is_dir() and own_export(path):
+        return own_model_class(MoEAdapter(config))
+    return AutoModelForCausalLM
 
 
 def load_config(name: str | None, *, trust_remote_code: bool = False):
@@ -117,6 +156,7 @@ def load_tokenizer(name: str | None, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
+    trust_remote_code = needs_trust(path, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -130,15 +170,18 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
-    user_trust = trust_remote_code  # the tokenizer runs no code of ours: only the user may allow its auto_map
     trust_remote_code = needs_trust(path, trust_remote_code)
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
     from safetensors import SafetensorError
 
+    cls = model_class(path, config)
+    # evoreap's own class: never hand transformers a reason to import code (custom_generate/ included)
+    model_trust = trust_remote_code and cls is AutoModelForCausalLM
+
     def load(**kwargs):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), output_loading_info=True,
-                                                    trust_remote_code=trust_remote_code, **kwargs)
+        return cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True,
+                                   trust_remote_code=model_trust, **kwargs)
 
     try:
         try:
@@ -159,6 +202,9 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
         raise EvoreapError(f"cannot load the weights of {path}: {len(bad)} tensor(s) do not match config.json, e.g. "
                            f"{bad[0]}; check that the safetensors files are complete and match config.json")
     model.to(device).eval()
+    from evoreap.fingerprint import note_loaded
+
+    note_loaded(model, path)  # its weights fingerprint hashes these files (cached) while nothing changes in memory
     log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
              len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)
-    return LoadedModel(model, load_tokenizer(path, trust_remote_code=user_trust), path, adapter)
+    return LoadedModel(model, load_tokenizer(path, trust_remote_code=trust_remote_code), path, adapter)

@@ -203,8 +203,14 @@ def test_existing_out_is_refused_unless_overwrite(saved, tmp_path):
     with pytest.raises(UsageError, match="--overwrite"):
         export_pruned(src, out, kept, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UsageError, match="not an evoreap export"):  # --overwrite replaces only an earlier export
+        export_pruned(src, out, kept, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_pruned(src, out, kept, progress=False)
+    (out / "stale.txt").write_text("left from before")
     export_pruned(src, out, kept, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup dirs left
     for bad_out in (src, src / "sub", src.parent):
         with pytest.raises(UsageError, match="model directory"):
@@ -222,6 +228,7 @@ def test_failure_midway_leaves_nothing(saved, tmp_path, monkeypatch, overwrite):
     if overwrite:
         out.mkdir()
         (out / "old.txt").write_text("previous export")
+        (out / "evoreap.json").write_text('{"format": "evoreap-export"}')
     calls = []
     real = writer_mod.write_shard
 
@@ -238,7 +245,7 @@ def test_failure_midway_leaves_nothing(saved, tmp_path, monkeypatch, overwrite):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == (["out"] if overwrite else [])
     if overwrite:
-        assert [p.name for p in out.iterdir()] == ["old.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["evoreap.json", "old.txt"]
 
 
 def test_invalid_kept_experts_are_refused_before_writing(saved, tmp_path):
@@ -274,14 +281,15 @@ def test_custom_code_is_refused_and_never_copied(saved, tmp_path):
 
 
 def test_own_export_code_is_trusted_only_with_its_own_auto_map(saved, tmp_path):
-    """A non-uniform export loads without --trust-remote-code (the code is evoreap's, byte for byte); the same code
-    with one more auto_map entry (which transformers would fetch from that hub repository and run) is refused."""
+    """A non-uniform export loads without --trust-remote-code (evoreap builds its class in-process and never imports
+    the directory's file, so transformers gets trust_remote_code=False); the same export with one more auto_map entry
+    (which transformers would fetch from that hub repository and run) is refused."""
     from evoreap.models import needs_trust
 
     model, adapter, src = saved("qwen3_moe")
     out = tmp_path / "out"
     export_pruned(src, out, _allocations(adapter)["nonuniform"], progress=False)
-    assert needs_trust(out, False) is True
+    assert needs_trust(out, False) is False
     with pytest.raises(UsageError, match="already a non-uniform evoreap export"):  # our code, but not a source
         export_pruned(out, tmp_path / "again", _allocations(adapter)["nonuniform"], progress=False)
     with pytest.raises(UsageError, match="is a file, not a directory"):  # the library refuses it too, not only the CLI

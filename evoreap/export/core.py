@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -15,17 +14,16 @@ from typing import Any
 
 from evoreap.adapters import MoEAdapter
 from evoreap.errors import EvoreapError, UsageError
+from evoreap.files import check_destination, check_writable_dir, real
+from evoreap.export.card import FORMAT as EXPORT_FORMAT
 from evoreap.export.card import export_record, model_card
+from evoreap.export.own_code import COUNTS_KEY, MODELING_FILE, OWN_AUTO_MAP, REMOTE_CLASS, render_modeling
 from evoreap.export.plan import ExportPlan, build_plan
 from evoreap.export.reader import CheckpointIndex
 from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 
 log = logging.getLogger(__name__)
 
-COUNTS_KEY = "evoreap_experts_per_layer"
-MODELING_FILE = "modeling_evoreap.py"
-REMOTE_CLASS = "EvoreapForCausalLM"
-_TEMPLATE = Path(__file__).with_name("modeling_template.py")
 # Files besides weights and config that a model folder needs; copied verbatim when present. No code is ever copied.
 AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
@@ -95,37 +93,36 @@ def new_config(raw: dict[str, Any], config: Any, adapter: MoEAdapter, plan: Expo
             out["architectures"] = [stock]
     else:
         target[COUNTS_KEY] = {str(layer): n for layer, n in sorted(counts.items())}
-        out["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}
+        out["auto_map"] = dict(OWN_AUTO_MAP)
         out["architectures"] = [REMOTE_CLASS]
     return out
 
 
-def render_modeling(adapter: MoEAdapter) -> str:
-    """evoreap's own modeling template with this architecture's model type and attribute names filled in."""
-    text = _TEMPLATE.read_text(encoding="utf-8")
-    values = {"MODEL_TYPE": adapter.config.model_type, "ROUTER_ATTR": adapter.spec.router_attr,
-              "EXPERTS_ATTR": adapter.spec.experts_attr}
-    for name, value in values.items():
-        text, n = re.subn(rf'^{name} = "[^"\n]*"  # evoreap: set at export$', f"{name} = {json.dumps(value)}",
-                          text, flags=re.M)
-        if n != 1:
-            raise RuntimeError(f"modeling template has {n} lines setting {name}; expected one")
-    return text
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` (absolute) that is a file, is not empty (without ``overwrite``) or cannot be created."""
+def check_out(out: str | Path, src: str | Path, overwrite: bool) -> Path:
+    """The real path of a usable export destination; refuses (UsageError) one that is or overlaps the model
+    directory ``src`` (compared as real paths: ``..``, trailing slashes and symlinks cannot hide it), is a symlink or
+    a file, cannot be created, or is not empty, unless ``overwrite`` and it is an earlier evoreap export: evoreap
+    never deletes a directory it did not write."""
+    out = check_destination(out, sources={"model directory": src}, what="--out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose a new path")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if parent != out and not parent.is_dir():
-        raise UsageError(f"cannot create --out {out}: {parent} is a file, not a directory; choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent} (no write permission); choose a writable --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace an earlier export "
+                             "or choose a new path")
+        if not _is_export(out):
+            raise UsageError(f"--out {out} is not empty and is not an evoreap export (no evoreap.json); evoreap "
+                             "replaces only its own exports: empty it yourself or choose a new path")
+    check_writable_dir(out, "--out")
+    return out
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        record = json.loads((path / "evoreap.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and record.get("format") == EXPORT_FORMAT
 
 
 def plan_export(src: str | Path, kept: dict[int, list[int]], *, trust_remote_code: bool = False
@@ -158,12 +155,10 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
     from evoreap.models import load_config
 
     t0 = time.perf_counter()
-    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().absolute()
+    src = real(src)
     if not src.is_dir():
         raise UsageError(f"model directory {src} does not exist")
-    if out == src or src in out.parents or out in src.parents:
-        raise UsageError(f"--out {out} must not be the model directory, inside it, or contain it")
-    _check_out(out, overwrite)
+    out = check_out(out, src, overwrite)
     raw = read_source_config(src, trust_remote_code)
     config = load_config(str(src), trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
@@ -194,7 +189,7 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         (tmp / "evoreap.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(record), encoding="utf-8")
         _check_written_config(tmp, adapter, plan)
-        _publish(tmp, out, overwrite)
+        _publish(tmp, out, src, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -235,12 +230,12 @@ def _check_written_config(tmp: Path, adapter: MoEAdapter, plan: ExportPlan) -> N
             raise EvoreapError("the exported config does not read back with the planned per-layer counts")
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def _publish(tmp: Path, out: Path, src: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed last."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if out.exists():
-        _check_out(out, overwrite)  # it may have appeared while we wrote
+        check_out(out, src, overwrite)  # it may have appeared while we wrote
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / "prev")
         try:
