@@ -96,7 +96,7 @@ def check_writable_dir(path: str | Path, what: str) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"cannot create {what} {path}: {parent} is a file, not a directory; choose another path")
+        raise UsageError(f"cannot create {what} {path}: {parent} is a file, not a directory; choose another {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to {what} {path}: {parent} is not writable; choose a writable path")
+        raise UsageError(f"cannot write to {what} {path}: {parent} is not writable; choose a writable {what}")
     return p

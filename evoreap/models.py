@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from evoreap.adapters import MoEAdapter
 from evoreap.errors import EvoreapError, UsageError
@@ -148,8 +149,9 @@ def load_config(name: str | None, *, trust_remote_code: bool = False):
             raise UsageError(f"{path} needs custom code to load; evoreap refuses to run code from a model "
                              "directory unless you pass --trust-remote-code (read that code first)") from None
         raise EvoreapError(f"cannot read the config of {path}: {e}") from None
-    except OSError as e:
-        raise EvoreapError(f"cannot read the config of {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, TypeError, KeyError, StrictDataclassError) as e:  # a field of the wrong type or a bad file
+        what = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UsageError(f"cannot read the config of {path}: {what}; fix config.json") from None
 
 
 def load_tokenizer(name: str | None, *, trust_remote_code: bool = False):
@@ -175,6 +177,14 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     adapter = MoEAdapter(config)
     from safetensors import SafetensorError
 
+    from evoreap import preflight
+    from evoreap.export.reader import local_checkpoint
+
+    # before any weight is read: the checkpoint through evoreap's one reader (headers, shards inside the directory,
+    # index matching its shards) and a real tokenizer
+    local_checkpoint(path, context=f"cannot load the weights of {path}")
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    preflight.check_tokenizer(tokenizer, getattr(adapter.config, "vocab_size", None), path)
     cls = model_class(path, config)
     # evoreap's own class: never hand transformers a reason to import code (custom_generate/ included)
     model_trust = trust_remote_code and cls is AutoModelForCausalLM
@@ -202,9 +212,10 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
         raise EvoreapError(f"cannot load the weights of {path}: {len(bad)} tensor(s) do not match config.json, e.g. "
                            f"{bad[0]}; check that the safetensors files are complete and match config.json")
     model.to(device).eval()
+    preflight.check_loaded(model, adapter, info, path)  # no stored tensor left unused, finite weights
     from evoreap.fingerprint import note_loaded
 
     note_loaded(model, path)  # its weights fingerprint hashes these files (cached) while nothing changes in memory
     log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
              len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)
-    return LoadedModel(model, load_tokenizer(path, trust_remote_code=trust_remote_code), path, adapter)
+    return LoadedModel(model, tokenizer, path, adapter)

@@ -58,6 +58,9 @@ class MoEAdapter:
     def __init__(self, config: Any):
         self.config = text_config(config)
         self.spec = find_spec(self.config)
+        from evoreap.preflight import check_top_k
+
+        check_top_k(self)  # an impossible top-k fails here, before any weight is read
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> MoEAdapter:

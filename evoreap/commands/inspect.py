@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
-from pathlib import Path
 
 import torch
 
 from evoreap.adapters import MoEAdapter
 from evoreap.commands.common import add_model_arguments
-from evoreap.models import load_config, needs_trust, resolve_model
+from evoreap.models import load_config, model_class, needs_trust, resolve_model
 
 NAME = "inspect"
 HELP = "show a model's MoE layers, experts, routing and parameter counts"
 EXAMPLE = "evoreap inspect ./Qwen3-30B-A3B --json"
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I32": 4,
-                "I64": 8}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,22 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def stored_bytes(path: str) -> tuple[int, dict[str, int]] | None:
-    """Bytes of all tensors in a local directory's safetensors files (read from their headers) and bytes by dtype."""
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    if not files:
+    """Bytes of all tensors of a local checkpoint (from its validated safetensors headers) and bytes by dtype; None
+    for a hub id or a directory without safetensors weights."""
+    from evoreap.export.reader import local_checkpoint
+
+    index = local_checkpoint(path)
+    if index is None:
         return None
-    total, by_dtype = 0, {}
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            size = meta["data_offsets"][1] - meta["data_offsets"][0]
-            total += size
-            by_dtype[meta["dtype"]] = by_dtype.get(meta["dtype"], 0) + size
-    return total, by_dtype
+    by_dtype: dict[str, int] = {}
+    for t in index:
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    return sum(by_dtype.values()), by_dtype
 
 
 def describe(name: str | None, trust_remote_code: bool = False) -> dict:
@@ -53,7 +43,9 @@ def describe(name: str | None, trust_remote_code: bool = False) -> dict:
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
     with torch.device("meta"):  # shapes only: inspecting a 1 TB model costs nothing
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        cls = model_class(path, config)  # evoreap's own class for its non-uniform exports: no directory code
+        model = (AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                 if cls is AutoModelForCausalLM else cls._from_config(config))
     layers = adapter.layers(model)
     params = adapter.param_summary(model)
     info = {

@@ -19,7 +19,7 @@ from evoreap.export.card import FORMAT as EXPORT_FORMAT
 from evoreap.export.card import export_record, model_card
 from evoreap.export.own_code import COUNTS_KEY, MODELING_FILE, OWN_AUTO_MAP, REMOTE_CLASS, render_modeling
 from evoreap.export.plan import ExportPlan, build_plan
-from evoreap.export.reader import CheckpointIndex
+from evoreap.export.reader import CheckpointIndex, aux_file
 from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def plan_export(src: str | Path, kept: dict[int, list[int]], *, trust_remote_cod
 
 def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], *, meta: dict[str, Any] | None = None,
                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
-                  trust_remote_code: bool = False) -> ExportResult:
+                  trust_remote_code: bool = False, follow_external_links: bool = False) -> ExportResult:
     """Write the model in ``src`` with only the ``kept`` experts to ``out``.
 
     Args:
@@ -151,6 +151,8 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         max_shard_bytes: largest output shard.
         progress: show a tqdm bar over the bytes written.
         trust_remote_code: accept a source folder with custom code (which is still never copied).
+        follow_external_links: copy auxiliary files (tokenizer, license, ...) that are symlinks leading out of
+            ``src`` (as real files); without it such a file is refused before anything is written.
     """
     from evoreap.models import load_config
 
@@ -163,6 +165,7 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
     config = load_config(str(src), trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
     plan = build_plan(CheckpointIndex(src), adapter, kept)
+    aux = {n: f for n in AUX_FILES if (f := aux_file(src, n, follow_external_links=follow_external_links))}
     meta = {"base_model": str(src), **(meta or {})}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,9 +181,8 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if not plan.uniform:
             (tmp / MODELING_FILE).write_text(render_modeling(adapter), encoding="utf-8")
-        for name in AUX_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        for name, f in aux.items():  # checked before writing (aux_file): never a symlink out of src, unless asked
+            shutil.copyfile(f, tmp / name)
         elements_before = sum(t.source.numel for t in plan.tensors) + sum(t.numel for t in plan.dropped)
         elements_after = sum(_numel(t.shape) for t in plan.tensors)
         record = export_record(architecture=adapter.name, model_type=adapter.config.model_type,

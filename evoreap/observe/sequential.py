@@ -5,7 +5,8 @@ The model is built on the meta device (no memory). For a chunk of calibration ba
 1. the embeddings (and final norm, rotary tables) are materialised and every decoder layer is replaced by a stub
    that records the arguments the decoder hands it (attention mask of its type, rotary embeddings, positions), so
    one cheap decoder pass per batch yields layer 0's input and each layer's own arguments;
-2. each decoder layer in turn is read from the safetensors shards (``safe_open``; per-expert checkpoint tensors
+2. each decoder layer in turn is read from the safetensors shards (evoreap's one checkpoint reader,
+   :class:`~evoreap.export.reader.CheckpointIndex`: validated headers, plain reads; per-expert checkpoint tensors
    such as ``mlp.experts.N.gate_proj.weight`` are fused into the 3-D layout, as transformers' loader does), run on
    every batch of the chunk -- MoE layers through the same recorder as in-memory observation -- and freed; the
    hidden states between layers stay in memory, or in a temporary directory of safetensors files when larger than
@@ -18,7 +19,6 @@ the in-memory ones (same layer code on the same inputs; tested). Resumable check
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -39,38 +39,29 @@ class CheckpointReader:
     """Tensors of a local safetensors checkpoint (single file or sharded with an index), read lazily by name."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
+        from evoreap.export.reader import INDEX_NAME, CheckpointIndex
 
         self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                raise UsageError(f"{self.path} has no safetensors files; --offload reads weights from local "
-                                 "safetensors shards (save the model with save_pretrained)")
-            weight_map = {}
-            for f in files:
-                with safe_open(str(f), "pt") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
-        self.weight_map: dict[str, str] = weight_map
-        self._open = safe_open
-        self._handles: dict[str, Any] = {}
+        if not (self.path / INDEX_NAME).is_file() and not any(self.path.glob("*.safetensors")):
+            raise UsageError(f"{self.path} has no safetensors files; --offload reads weights from local "
+                             "safetensors shards (save the model with save_pretrained)")
+        # the one checkpoint reader: validated headers, shards inside the directory, index matching its shards
+        self.index = CheckpointIndex(self.path)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.index.tensors
+
+    def names(self) -> list[str]:
+        return list(self.index.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        fname = self.weight_map[name]
-        h = self._handles.get(fname)
-        if h is None:
-            h = self._handles[fname] = self._open(str(self.path / fname), "pt")
-        return h.get_tensor(name)
+        """One tensor, read with plain reads (no memory map stays behind)."""
+        from evoreap.export.reader import read_tensor
+
+        return read_tensor(self.index.tensors[name])
 
     def close(self) -> None:
-        """Drop the open (memory-mapped) files, so that the pages read so far stop counting as resident."""
-        self._handles.clear()
+        """Nothing stays open between reads (kept for callers that release the reader after each layer)."""
 
 
 class LayerLoader:
@@ -109,6 +100,20 @@ class LayerLoader:
         raise EvoreapError(f"checkpoint {self.reader.path} has no tensor for {full} (looked for "
                            f"{', '.join(self._candidates(full))}); is it complete and does it match config.json?")
 
+    def sources(self, full: str, like: torch.Tensor) -> list[str]:
+        """The checkpoint tensors :meth:`tensor` reads for model parameter ``full`` (names only, nothing is read)."""
+        for name in self._candidates(full):
+            if name in self.reader:
+                return [name]
+        head, _, leaf = full.rpartition(".")
+        if leaf in ("gate_up_proj", "down_proj") and head.endswith(f".{self.spec.experts_attr}") and \
+                self.spec.disk_expert_names and like.dim():
+            gate, up, down = self.spec.disk_expert_names
+            parts = [f"{head}.{i}.{p}" for i in range(like.shape[0])
+                     for p in ((gate, up) if leaf == "gate_up_proj" else (down,))]
+            return [c for part in parts for c in self._candidates(part) if c in self.reader]
+        return []
+
     def _get(self, experts_name: str, i: int, leaf: str) -> torch.Tensor:
         for cand in self._candidates(f"{experts_name}.{i}.{leaf}"):
             if cand in self.reader:
@@ -128,9 +133,12 @@ class LayerLoader:
     def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
         """Load ``module``'s parameters and persistent buffers (named ``prefix + name`` in the model) onto
         ``device``."""
+        from evoreap.preflight import check_finite
+
         state = {name: self.tensor(prefix + name, like).to(device)
                  for name, like in module.state_dict(keep_vars=True).items()}
         self.reader.close()
+        check_finite(((prefix + name, t) for name, t in state.items()), str(self.reader.path))
         module.load_state_dict(state, strict=True, assign=True)
         left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if left:
@@ -214,6 +222,20 @@ class SequentialModel:
                     full = f"{self.prefix}layers.{layer.index}.mlp.{self.adapter.spec.router_attr}.{name}"
                     out[f"{layer.index}.{name}"] = self.loader.tensor(full, like)
         return out
+
+    def unused_tensors(self) -> list[str]:
+        """Checkpoint tensors that no parameter or buffer of the model is read from, less those transformers itself
+        ignores on loading (the model class's ``_keys_to_ignore_on_load_unexpected``, e.g. DeepSeek-V3's MTP layer,
+        and old checkpoints' rotary ``inv_freq`` and ``position_ids``)."""
+        import re
+
+        used: set[str] = set()
+        for full, like in self.model.state_dict(keep_vars=True).items():
+            used.update(self.loader.sources(full, like))
+        patterns = {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$",
+                    *(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ())}
+        ignored = re.compile("|".join(f"({p})" for p in patterns))
+        return sorted(n for n in self.reader.names() if n not in used and not ignored.search(n))
 
     # -- the non-layer parts ------------------------------------------------------------------------------------------
     def _materialise_outer(self) -> None:
@@ -302,11 +324,12 @@ class SequentialModel:
 
 
 def describe_checkpoint(model: str | None, *, dtype: str = "float32", device: str = "cpu",
-                        trust_remote_code: bool = False, max_hidden_bytes: int = 2 << 30
-                        ) -> tuple[SequentialModel, Any, dict[str, Any]]:
+                        trust_remote_code: bool = False, max_hidden_bytes: int = 2 << 30,
+                        cache_dir: str | None = None) -> tuple[SequentialModel, Any, dict[str, Any]]:
     """A local checkpoint's observation identity (:func:`~evoreap.observe.store.model_info`, equal to that of the
     model loaded in ``dtype``) from its config, tokenizer and router tensors alone; with the meta-device model and
     the tokenizer, for observing it layer by layer."""
+    from evoreap.fingerprint import checkpoint_fingerprint
     from evoreap.models import load_config, load_tokenizer, parse_dtype, resolve_model
     from evoreap.observe.store import model_info
 
@@ -317,7 +340,17 @@ def describe_checkpoint(model: str | None, *, dtype: str = "float32", device: st
     config = load_config(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     seq = SequentialModel(path, config, dtype=parse_dtype(dtype), device=device, max_hidden_bytes=max_hidden_bytes)
-    return seq, tokenizer, model_info(path, seq.adapter, seq.router_tensors(), tokenizer, parse_dtype(dtype))
+    # preflight before any observing: a real tokenizer, every stored tensor used, finite routers (each layer's other
+    # weights are checked as the layer is read)
+    from evoreap import preflight
+
+    preflight.check_tokenizer(tokenizer, getattr(seq.adapter.config, "vocab_size", None), path)
+    preflight.check_unused(seq.unused_tensors(), path, seq.adapter.config)
+    routers = seq.router_tensors()
+    router = f"{seq.prefix}layers.{{}}.mlp.{seq.adapter.spec.router_attr}.{{}}"
+    preflight.check_finite(((router.format(*k.split(".", 1)), t) for k, t in routers.items()), path)
+    return seq, tokenizer, model_info(path, seq.adapter, routers, tokenizer, parse_dtype(dtype),
+                                      checkpoint_fingerprint(path, cache_dir))
 
 
 def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = "float32", device: str = "cpu",
@@ -333,9 +366,10 @@ def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = 
     from evoreap.observe.store import observe_cached
 
     seq, tokenizer, info = describe_checkpoint(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                               max_hidden_bytes=max_hidden_bytes)
+                                               max_hidden_bytes=max_hidden_bytes, cache_dir=cache_dir)
     path = info["path"]
-    data = load_tokens(data_spec, tokenizer, split=split, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed)
+    data = load_tokens(data_spec, tokenizer, split=split, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed,
+                       model_config=seq.adapter.config)
     n_batches = -(-len(data) // batch_size)
     loaded = LoadedModel(seq.model, tokenizer, path, seq.adapter)
 
