@@ -10,7 +10,9 @@ valid when both tokens are real (attention mask 1). Rows follow the row order of
 built from, which its fingerprint pins down.
 
 Cache layout: ``<cache root>/reference/<key>/{reference.safetensors, manifest.json}`` where the cache root is
-``$EVOREAP_CACHE`` or ``~/.cache/evoreap`` and ``key`` hashes the model fingerprint, the data fingerprint and K.
+``$EVOREAP_CACHE`` or ``~/.cache/evoreap`` and ``key`` hashes the model fingerprint (config, routers, dtype and all
+weights), the data fingerprint and K. The manifest records the sha256 of ``reference.safetensors``; an entry whose
+manifest is damaged, whose checksum or shapes disagree, or that was made for other inputs is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from typing import Any
 import torch
 
 from evoreap.adapters import MoEAdapter
-from evoreap.allocation import write_json_atomic
 from evoreap.data import TokenData
 from evoreap.errors import EvoreapError, UsageError
+from evoreap.files import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT = "evoreap-reference"
-VERSION = 1
+VERSION = 2  # 2: the model fingerprint covers all weights; the manifest holds the file's sha256
 # Floor for log-masses: keeps 0 * (log p - log q) at 0 instead of NaN when a mass underflows (exp(-1e4) == 0).
 LOG_FLOOR = -1e4
 # Upper bound on one float32 log-prob chunk [B, positions, V], so a 150k vocabulary needs no full-logit copy.
@@ -53,26 +55,29 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """The observation store's model fingerprint (sha256 of the config minus load-location keys, and of every
-    router weight and bias; no tokenizer) plus the compute dtype, which changes the distributions.
+def model_fingerprint(model: torch.nn.Module, cache_dir: str | Path | None = None) -> str:
+    """The observation store's model fingerprint (sha256 of the config minus load-location keys, of every router
+    weight and bias and of all weights, :func:`evoreap.fingerprint.weights_fingerprint`; no tokenizer) plus the
+    compute dtype, which changes the distributions. ``cache_dir``: where checkpoint file hashes are cached.
 
-    Cached per model object and recomputed when a router tensor is replaced or modified in place (tensor version
-    counter), so calling it once per candidate evaluation is free.
+    Cached per model object and recomputed when any parameter or buffer is replaced or modified in place (tensor
+    version counters), so calling it once per candidate evaluation is free.
     """
+    from evoreap.fingerprint import versions, weights_fingerprint
     from evoreap.observe.store import model_fingerprint as store_fingerprint
     from evoreap.observe.store import router_tensors
 
-    adapter = MoEAdapter.for_model(model)
-    routers = router_tensors(model, adapter)
-    versions = tuple((name, t.data_ptr(), t._version) for name, t in routers.items())
+    now = versions(model)
     hit = _FINGERPRINTS.get(model)
-    if hit is not None and hit[0] == versions:
+    if now is not None and hit is not None and hit[0] == now:
         return hit[1]
+    adapter = MoEAdapter.for_model(model)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    base = store_fingerprint(adapter.config, routers)["sha256"]
+    base = store_fingerprint(adapter.config, router_tensors(model, adapter),
+                             weights=weights_fingerprint(model, cache_dir))["sha256"]
     digest = hashlib.sha256(f"{base}:{dtype}".encode()).hexdigest()
-    _FINGERPRINTS[model] = (versions, digest)
+    if now is not None:
+        _FINGERPRINTS[model] = (now, digest)
     return digest
 
 
@@ -161,8 +166,8 @@ class Reference:
     def check(self, model: torch.nn.Module | None = None, data: TokenData | None = None) -> None:
         """Refuse (EvoreapError) to be used with another model or other tokens than it was built from."""
         if model is not None and model_fingerprint(model) != self.model_fingerprint:
-            raise EvoreapError("the reference distributions were computed with another model (router weights or "
-                               "config differ); rebuild it for this model with reference_cached(model, data, ...)")
+            raise EvoreapError("the reference distributions were computed with another model (weights or config "
+                               "differ); rebuild it for this model with reference_cached(model, data, ...)")
         if data is not None and data_fingerprint(data) != self.data_fingerprint:
             raise EvoreapError(f"the reference distributions were computed on other tokens ({len(data)} rows of "
                                f"{data.seq_len} given, reference has {self.valid.shape[0]} rows of "
@@ -173,16 +178,17 @@ class Reference:
         return {name: getattr(self, name)[index].to(device) for name in _TENSORS}
 
     # -- files ----------------------------------------------------------------------------------------------------
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, sha256: str | None = None) -> dict[str, Any]:
         n, t, k = self.topk_logprobs.shape
         return {"format": FORMAT, "version": VERSION, "key": self.key, "model_fingerprint": self.model_fingerprint,
                 "data_fingerprint": self.data_fingerprint, "data_fingerprints": dict(self.data_fingerprints),
                 "domains": list(self.domains), "top_k": self.top_k, "vocab_size": self.vocab_size,
-                "rows": n, "positions": t, "tokens": self.num_tokens,
+                "rows": n, "positions": t, "tokens": self.num_tokens, "sha256": sha256,
                 "tail": "log of the probability mass outside the top-K ids, floored at %g" % LOG_FLOOR}
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``reference.safetensors`` then ``manifest.json`` (the manifest marks a complete entry)."""
+        """Write ``reference.safetensors`` then ``manifest.json`` with its sha256 (the manifest marks a complete
+        entry)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -192,41 +198,85 @@ class Reference:
         try:
             save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSORS}, tmp,
                       metadata={"format": FORMAT, "key": self.key})
+            digest = sha256_file(tmp)
             os.replace(tmp, directory / "reference.safetensors")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        write_json_atomic(directory / "manifest.json", self.manifest())
+        write_json_atomic(directory / "manifest.json", self.manifest(digest))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> Reference:
+        """Read and verify a stored reference: manifest fields and types, the file's sha256, tensor shapes and
+        dtypes, and the key (EvoreapError on any mismatch; UsageError when there is no manifest)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        mpath = directory / "manifest.json"
         try:
-            manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"{directory} holds no reference (manifest.json missing)") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EvoreapError(f"{directory}/manifest.json is corrupt ({e}); delete the directory to rebuild") from None
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EvoreapError(f"{mpath} is corrupt ({e}); delete the directory to rebuild") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise EvoreapError(f"{directory} is not an evoreap reference of version {VERSION}; delete it to rebuild")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise EvoreapError(f"{mpath} is damaged ({problem}); delete the directory to rebuild")
+        path = directory / "reference.safetensors"
         try:
-            tensors = load_file(directory / "reference.safetensors")
+            digest = sha256_file(path)
+        except OSError as e:
+            raise EvoreapError(f"cannot read {path} ({e.strerror or e}); delete the directory to rebuild") from None
+        if digest != manifest["sha256"]:
+            raise EvoreapError(f"{path} is corrupted (sha256 mismatch with the manifest); delete the directory to "
+                               "rebuild")
+        try:
+            tensors = load_file(path)
         except Exception as e:  # safetensors raises its own error types for truncated files
-            raise EvoreapError(f"cannot read {directory}/reference.safetensors ({e}); delete the directory to "
-                               "rebuild") from None
-        missing = [n for n in _TENSORS if n not in tensors]
-        if missing:
-            raise EvoreapError(f"{directory}/reference.safetensors lacks {', '.join(missing)}; delete it to rebuild")
+            raise EvoreapError(f"cannot read {path} ({e}); delete the directory to rebuild") from None
+        n, t, k = manifest["rows"], manifest["positions"], manifest["top_k"]
+        want = {"topk_logprobs": (torch.float32, [n, t, k]), "topk_ids": (torch.int32, [n, t, k]),
+                "tail_logmass": (torch.float32, [n, t]), "target_logprob": (torch.float32, [n, t]),
+                "valid": (torch.bool, [n, t])}
+        for name, (dtype, shape) in want.items():
+            got = tensors.get(name)
+            if got is None or got.dtype != dtype or list(got.shape) != shape:
+                what = "is missing" if got is None else f"is {got.dtype} {list(got.shape)}, not {dtype} {shape}"
+                raise EvoreapError(f"{path}: {name} {what}; delete the directory to rebuild")
         ref = cls(**{n: tensors[n] for n in _TENSORS}, model_fingerprint=manifest["model_fingerprint"],
-                  data_fingerprint=manifest["data_fingerprint"], top_k=int(manifest["top_k"]),
-                  vocab_size=int(manifest["vocab_size"]), domains=tuple(manifest.get("domains", ())),
-                  data_fingerprints=dict(manifest.get("data_fingerprints", {})))
-        if manifest.get("key") != ref.key:
+                  data_fingerprint=manifest["data_fingerprint"], top_k=manifest["top_k"],
+                  vocab_size=manifest["vocab_size"], domains=tuple(manifest["domains"]),
+                  data_fingerprints=dict(manifest["data_fingerprints"]))
+        if manifest["key"] != ref.key:
             raise EvoreapError(f"{directory}: manifest key does not match its contents; delete it to rebuild")
         return ref
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a reference manifest's fields (format and version already checked), or None."""
+    def count(v: Any, least: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    for name in ("key", "model_fingerprint", "data_fingerprint"):
+        if not isinstance(m.get(name), str):
+            return f"{name!r} is missing or not a string"
+    sha = m.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        return "'sha256' is missing or not a sha256 digest"
+    for name, least in (("top_k", 1), ("vocab_size", 1), ("rows", 0), ("positions", 0)):
+        if not count(m.get(name), least):
+            return f"{name!r} is missing or not an integer >= {least}"
+    if m["top_k"] > m["vocab_size"]:
+        return "'top_k' exceeds 'vocab_size'"
+    if not isinstance(m.get("domains"), list) or not all(isinstance(d, str) for d in m["domains"]):
+        return "'domains' is missing or not a list of strings"
+    fps = m.get("data_fingerprints")
+    if not isinstance(fps, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in fps.items()):
+        return "'data_fingerprints' is missing or not a map of strings"
+    return None
 
 
 # -- building ---------------------------------------------------------------------------------------------------------
@@ -277,11 +327,14 @@ def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64
     from evoreap.observe.store import cache_root
 
     root = cache_root(cache_dir)
-    key = reference_key(model_fingerprint(model), data_fingerprint(data), top_k)
+    model_fp = model_fingerprint(model, cache_dir)
+    key = reference_key(model_fp, data_fingerprint(data), top_k)
     directory = root / "reference" / key
-    if (directory / "manifest.json").is_file():
+    if (directory / "manifest.json").exists():
         try:
             ref = Reference.load(directory)
+            if ref.key != key or ref.model_fingerprint != model_fp:
+                raise EvoreapError(f"{directory} holds the reference of other inputs (key {ref.key[:12]})")
             ref.check(data=data)
             log.info("reusing reference distributions from %s", directory)
             return ref

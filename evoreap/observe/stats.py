@@ -117,6 +117,18 @@ class ExpertStats:
         dt = tuple(a + b for a, b in zip(self.domain_tokens, other.domain_tokens))
         return ExpertStats(**out, domains=self.domains, tokens=self.tokens + other.tokens, domain_tokens=dt)
 
+    def first_non_finite(self) -> tuple[int, int, list[str]] | None:
+        """``(layer, expert, fields)`` of the first expert (in layer, then expert order) with a NaN or infinite
+        statistic, and which fields are; None when all are finite."""
+        for i in self.layers:
+            bad = {f: ~torch.isfinite(getattr(self, f)[i]) for f in FIELDS}
+            bad["domain_count"] = bad["domain_count"].reshape(-1, self.count[i].numel()).any(0)
+            per_expert = torch.stack([bad[f] for f in FIELDS]).any(0)
+            if bool(per_expert.any()):
+                e = int(per_expert.nonzero()[0, 0])
+                return i, e, [f for f in FIELDS if bool(bad[f][e])]
+        return None
+
     def allclose(self, other: ExpertStats, rtol: float = 1e-12, atol: float = 0.0) -> bool:
         return (self.layers == other.layers and self.tokens == other.tokens and self.domains == other.domains
                 and all(torch.allclose(getattr(self, f)[i], getattr(other, f)[i], rtol=rtol, atol=atol)

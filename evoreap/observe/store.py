@@ -7,7 +7,8 @@ Layout under the cache (``--cache-dir``, else ``$EVOREAP_CACHE``, else ``~/.cach
     observations/<key>.partial/progress.json    an interrupted run: batches done + the checkpoint's sha256
     observations/<key>.partial/sums-<b>.safetensors
 
-The key hashes what determines the statistics: the model fingerprint (config + router weights + tokenizer), the
+The key hashes what determines the statistics: the model fingerprint (config + router weights + tokenizer + all
+weights, see :mod:`evoreap.fingerprint`), the
 exact token ids and masks per domain, the sequence length, the compute dtype and the batch size (batching changes
 float rounding, and resuming must continue the very same additions). A finished directory appears atomically
 (written under a temporary name, then renamed), and checkpoints replace each other atomically, so a crash at any
@@ -29,14 +30,13 @@ from typing import Any
 import torch
 
 from evoreap import __version__
-from evoreap.allocation import write_json_atomic
-from evoreap.data.loader import sha256_file
-from evoreap.errors import UsageError
+from evoreap.errors import EvoreapError, UsageError
+from evoreap.files import sha256_file, sha256_json, write_json_atomic
 from evoreap.observe.stats import FIELDS, ExpertStats
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the model fingerprint covers all weights; layer files are checked against it
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 # Config entries that do not change what the model computes (or that the key records separately).
@@ -54,7 +54,7 @@ def _sha256_bytes(*parts: bytes) -> str:
 
 
 def _sha256_json(obj: Any) -> str:
-    return _sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+    return sha256_json(obj)
 
 
 
@@ -115,10 +115,13 @@ def tokenizer_hash(tokenizer: Any) -> str | None:
         return None
 
 
-def model_fingerprint(config: Any, routers: dict[str, torch.Tensor], tokenizer: Any = None) -> dict[str, str | None]:
-    """``{"config_sha256", "router_sha256", "tokenizer_sha256", "sha256"}``; ``sha256`` combines all three."""
+def model_fingerprint(config: Any, routers: dict[str, torch.Tensor], tokenizer: Any = None,
+                      weights: str | None = None) -> dict[str, str | None]:
+    """``{"config_sha256", "router_sha256", "tokenizer_sha256", "weights_sha256", "sha256"}``; ``sha256`` combines
+    them all. ``weights`` is the fingerprint of every weight (:func:`evoreap.fingerprint.weights_fingerprint`);
+    the router hash stays separate because export and evaluate check it against a checkpoint's router tensors."""
     fp = {"config_sha256": config_hash(config), "router_sha256": router_hash(routers),
-          "tokenizer_sha256": tokenizer_hash(tokenizer)}
+          "tokenizer_sha256": tokenizer_hash(tokenizer), "weights_sha256": weights}
     fp["sha256"] = _sha256_json(fp)
     return fp
 
@@ -226,65 +229,145 @@ def _safe_name(name: str, where: Path) -> str:
     return name
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is structurally wrong with an observation manifest (after its schema version), or None: every field
+    :func:`load_observation` and the commands read, with its type."""
+    if not isinstance(manifest, dict):
+        return f"it is a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("key"), str):
+        return '"key" is missing or not a string'
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        return '"model" is missing or not an object'
+    fp = model.get("fingerprint")
+    if not isinstance(fp, dict) or not isinstance(fp.get("sha256"), str):
+        return '"model.fingerprint.sha256" is missing or not a string'
+    for name in ("path", "dtype"):
+        if model.get(name) is not None and not isinstance(model[name], str):
+            return f'"model.{name}" is not a string'
+    data = manifest.get("data", {})  # optional (no domains) for observations written by hand
+    if not isinstance(data, dict):
+        return '"data" is not an object'
+    domains = data.get("domains", [])
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains) or \
+            len(set(domains)) != len(domains):
+        return '"data.domains" is not a list of distinct strings'
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                              for k, v in files.items()):
+        return '"files" is missing or not a map of file names to sha256 digests'
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not layers or not all(_is_int(i) and i >= 0 for i in layers) or \
+            len(set(layers)) != len(layers):
+        return '"layers" is missing or not a list of distinct layer indices'
+    if not _is_int(manifest.get("tokens")) or manifest["tokens"] < 0:
+        return '"tokens" is missing or not a non-negative integer'
+    dt = manifest.get("domain_tokens")
+    if not isinstance(dt, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in dt.items()):
+        return '"domain_tokens" is missing or not a map of domain names to token counts'
+    return None
+
+
+def _layer_problem(part: dict[str, torch.Tensor], meta: dict[str, str], index: int, domains: int) -> str | None:
+    """What is wrong with the contents of one layer file (``domains``: rows of ``domain_count``), or None."""
+    if meta.get("layer") != str(index):
+        return f"it holds layer {meta.get('layer')!r}, not layer {index}"
+    missing = set(FIELDS) - set(part)
+    if missing:
+        return f"it lacks {', '.join(sorted(missing))}"
+    extra = set(part) - set(FIELDS)
+    if extra:
+        return f"it holds unexpected tensors {', '.join(sorted(extra))}"
+    experts = part["count"].shape[-1] if part["count"].dim() == 1 else None
+    if not experts:
+        return f"count has shape {list(part['count'].shape)}, not [experts]"
+    for f in FIELDS:
+        t = part[f]
+        want = [domains, experts] if f == "domain_count" else [experts]
+        if t.dtype != torch.float64 or list(t.shape) != want:
+            return f"{f} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, not float64 {want}"
+        if not bool(torch.isfinite(t).all()):
+            return f"{f} holds non-finite values"
+    return None
+
+
 def load_observation(key_or_dir: str | Path, *, cache_dir: str | Path | None = None,
-                     expect_model_fingerprint: str | None = None) -> Observation:
-    """Read and verify an observation: schema, the sha256 of every file, the tensors, and (if given) that it was
-    made for the model whose fingerprint ``sha256`` is ``expect_model_fingerprint``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+                     expect_model_fingerprint: str | None = None,
+                     expect_experts: dict[int, int] | None = None) -> Observation:
+    """Read and verify an observation: schema and structure of the manifest, the sha256 of every file, each layer
+    file's contents (its layer, every field's dtype and shape, one expert count throughout, finite values) and,
+    if given, that it was made for the model whose fingerprint ``sha256`` is ``expect_model_fingerprint`` and
+    whose MoE layers have ``expect_experts`` (layer index -> number of experts) experts."""
+    from safetensors import SafetensorError, safe_open
 
     directory = _resolve(key_or_dir, cache_dir)
     mpath = directory / MANIFEST
+    again = f"delete {directory} and observe again"
     try:
         manifest = json.loads(mpath.read_text())
     except FileNotFoundError:
         raise UsageError(f"{directory} has no {MANIFEST}: it is not a finished observation") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{mpath} is corrupted (not valid JSON: {e}); delete {directory} and observe again") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise UsageError(f"{mpath} is corrupted (not valid JSON: {e}); {again}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {mpath} ({e.strerror or e}); {again}") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{mpath} is damaged (it is a JSON {type(manifest).__name__}, not an object); {again}")
+    version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UsageError(f"{mpath} has schema version {version}, this evoreap reads {SCHEMA_VERSION}; observe again "
                          "with this version")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UsageError(f"{mpath} is damaged ({problem}); {again}")
     if expect_model_fingerprint is not None:
-        have = manifest.get("model", {}).get("fingerprint", {}).get("sha256")
+        have = manifest["model"]["fingerprint"]["sha256"]
         if have != expect_model_fingerprint:
-            made_for = manifest.get("model", {}).get("path")
+            made_for = manifest["model"].get("path")
             raise UsageError(f"observation {directory.name} was made for another model ({made_for}, fingerprint "
                              f"{str(have)[:12]}), not this one ({expect_model_fingerprint[:12]}); observe this model "
                              "instead")
-    files = manifest.get("files")
-    layers = manifest.get("layers")
-    if not isinstance(files, dict) or not isinstance(layers, list):
-        raise UsageError(f"{mpath} lacks its file list; delete {directory} and observe again")
-    tensors: dict[str, torch.Tensor] = {}
+    files, layers = manifest["files"], manifest["layers"]
+    domains = tuple(manifest.get("data", {}).get("domains", []))
+    if expect_experts is not None and sorted(layers) != sorted(expect_experts):
+        raise UsageError(f"observation {directory.name[:12]} covers MoE layers {sorted(layers)} but the model's are "
+                         f"{sorted(expect_experts)}; it was made for another model: observe this model")
     for i in layers:
-        name = layer_file(int(i))
+        name = layer_file(i)
         if name not in files:
-            raise UsageError(f"{mpath} lists layer {i} but no checksum for {name}; delete {directory} and observe "
-                             "again")
+            raise UsageError(f"{mpath} lists layer {i} but no checksum for {name}; {again}")
     for name, digest in files.items():
         path = directory / _safe_name(name, directory)
         if not path.is_file():
-            raise UsageError(f"observation file {path} is missing; delete {directory} and observe again")
+            raise UsageError(f"observation file {path} is missing; {again}")
         if sha256_file(path) != digest:
-            raise UsageError(f"observation file {path} is corrupted (sha256 mismatch with the manifest); delete "
-                             f"{directory} and observe again")
+            raise UsageError(f"observation file {path} is corrupted (sha256 mismatch with the manifest); {again}")
+    tensors: dict[str, torch.Tensor] = {}
     for i in layers:
-        path = directory / layer_file(int(i))
+        path = directory / layer_file(i)
         try:
-            part = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                part = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
-            raise UsageError(f"cannot read {path}: {e}; delete {directory} and observe again") from None
-        missing = set(FIELDS) - set(part)
-        if missing:
-            raise UsageError(f"{path} lacks {', '.join(sorted(missing))}; delete {directory} and observe again")
-        tensors.update({f"{int(i)}.{f}": part[f] for f in FIELDS})
-    domains = tuple(manifest.get("data", {}).get("domains", []))
-    dt = manifest.get("domain_tokens", {})
-    tensors["tokens"] = torch.tensor(int(manifest["tokens"]))
-    tensors["domain_tokens"] = torch.tensor([int(dt.get(d, 0)) for d in domains], dtype=torch.int64)
+            raise UsageError(f"cannot read {path}: {e}; {again}") from None
+        problem = _layer_problem(part, meta, i, max(1, len(domains)))
+        if problem:
+            raise UsageError(f"{path} does not match its manifest ({problem}); {again}")
+        experts = part["count"].numel()
+        if expect_experts is not None and experts != expect_experts[i]:
+            raise UsageError(f"observation {directory.name[:12]} has {experts} experts in layer {i} but the model has "
+                             f"{expect_experts[i]}; it was made for another model: observe this model")
+        tensors.update({f"{i}.{f}": part[f] for f in FIELDS})
+    dt = manifest["domain_tokens"]
+    tensors["tokens"] = torch.tensor(manifest["tokens"])
+    tensors["domain_tokens"] = torch.tensor([dt.get(d, 0) for d in domains], dtype=torch.int64)
     stats = ExpertStats.from_tensors(tensors, domains)
-    return Observation(manifest.get("key", directory.name), directory, manifest, stats)
+    return Observation(manifest["key"], directory, manifest, stats)
 
 
 # -- observe with the cache ------------------------------------------------------------------------------------------
@@ -302,7 +385,7 @@ def _read_progress(partial: Path, expect: dict[str, Any], domains: tuple[str, ..
             log.warning("discarding a corrupted checkpoint in %s", partial)
             return None
         return int(progress["batches_done"]), ExpertStats.from_tensors(load_file(str(path)), domains)
-    except (OSError, ValueError, KeyError, UsageError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError):
         return None
 
 
@@ -315,18 +398,37 @@ def _write_progress(partial: Path, batches_done: int, stats: ExpertStats, expect
             old.unlink(missing_ok=True)
 
 
-def model_info(path: str | Path, adapter, routers: dict[str, torch.Tensor], tokenizer: Any, dtype: torch.dtype
-               ) -> dict[str, Any]:
-    """Identity and fingerprint of a model run in ``dtype`` (the ``model`` record of an observation)."""
+def model_info(path: str | Path, adapter, routers: dict[str, torch.Tensor], tokenizer: Any, dtype: torch.dtype,
+               weights: str | None = None) -> dict[str, Any]:
+    """Identity and fingerprint of a model run in ``dtype`` (the ``model`` record of an observation); ``weights``
+    is the fingerprint of all its weights (:mod:`evoreap.fingerprint`)."""
     return {"path": str(path), "architecture": adapter.name, "model_type": adapter.config.model_type,
             "dtype": str(dtype).replace("torch.", ""),
-            "fingerprint": model_fingerprint(adapter.config, routers, tokenizer)}
+            "fingerprint": model_fingerprint(adapter.config, routers, tokenizer, weights)}
 
 
-def describe_model(loaded) -> dict[str, Any]:
-    """:func:`model_info` of a resident :class:`~evoreap.models.LoadedModel`."""
+def describe_model(loaded, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """:func:`model_info` of a resident :class:`~evoreap.models.LoadedModel` (``cache_dir``: where the content
+    hashes of its checkpoint files are cached)."""
+    from evoreap.fingerprint import weights_fingerprint
+
     return model_info(loaded.path, loaded.adapter, router_tensors(loaded.model, loaded.adapter), loaded.tokenizer,
-                      next(loaded.model.parameters()).dtype)
+                      next(loaded.model.parameters()).dtype, weights_fingerprint(loaded.model, cache_dir))
+
+
+def _check_finite(stats: ExpertStats, info: dict[str, Any], partial: Path) -> None:
+    """Refuse (EvoreapError) statistics with a NaN or inf: they are never checkpointed nor stored as complete."""
+    bad = stats.first_non_finite()
+    if bad is None:
+        return
+    try:
+        partial.rmdir()  # only when empty: a resumable earlier checkpoint (all finite) is kept
+    except OSError:
+        pass
+    layer, expert, fields = bad
+    raise EvoreapError(f"observing {info.get('path')} gave non-finite {'/'.join(fields)} for expert {expert} of layer "
+                       f"{layer}: the model's weights are not finite (NaN or inf) or overflow in {info.get('dtype')}; "
+                       "repair or re-download the checkpoint (or observe in float32), nothing was stored")
 
 
 def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_size: int = 8,
@@ -341,14 +443,15 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
     """
     from evoreap.observe.recorder import observe
 
-    info = model_info if model_info is not None else describe_model(loaded)
+    info = model_info if model_info is not None else describe_model(loaded, cache_dir)
+    experts = {layer.index: layer.num_experts for layer in loaded.adapter.layers(loaded.model)}
     settings = {"dtype": info["dtype"], "batch_size": batch_size}
     fps = data_fingerprints(data)
     key = observation_key(info["fingerprint"]["sha256"], fps, data.seq_len, settings)
     root = observations_dir(cache_dir)
     final = root / key
     if final.is_dir():
-        obs = load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"])
+        obs = load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"], expect_experts=experts)
         log.info("reusing observation %s (%d tokens)", key, obs.stats.tokens)
         return key, obs.stats
 
@@ -377,6 +480,7 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
         while start < n_batches:
             stop = min(n_batches, start + step)
             stats = runner(stats, start, stop)
+            _check_finite(stats, info, partial)
             start = stop
             bar.update(stop - bar.n)
             if start < n_batches:
@@ -394,5 +498,6 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
     }
     write_observation(final, stats, manifest)
     shutil.rmtree(partial, ignore_errors=True)
-    return key, load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"]).stats
+    return key, load_observation(final, expect_model_fingerprint=info["fingerprint"]["sha256"],
+                                 expect_experts=experts).stats
 
