@@ -3,7 +3,6 @@ agreement, and greedy generations side by side. Works on a masked allocation and
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
 from evoreap.masking import masked
 from evoreap.proxies import ProxyInputs, ProxyResult, evaluate, register_proxy
-from evoreap.reference import Reference, model_fingerprint
+from evoreap.reference import Reference
 
 METRICS = ("nll", "kl", "esap", "top1")
 
@@ -33,14 +32,14 @@ class Candidate:
     model: torch.nn.Module
     adapter: MoEAdapter
     masks: dict[int, torch.Tensor] | None = None
+    exported: bool = False  # a physically pruned model, not the reference's own model under masks
 
 
 def score(candidate: Candidate, data: TokenData, reference: Reference, batch_size: int = 8) -> ProxyResult:
-    # A physically pruned model has other router weights than the model the reference was built with; comparing it
-    # to that reference is the point here, so the reference is re-labelled for it explicitly.
-    ref = dataclasses.replace(reference, model_fingerprint=model_fingerprint(candidate.model))
-    return evaluate(candidate.model, candidate.adapter, candidate.masks, data, proxies=METRICS, reference=ref,
-                    batch_size=batch_size)
+    # A physically pruned model has other weights than the model the reference was built with; comparing it to
+    # that reference is the point here, so only the data are checked for it.
+    return evaluate(candidate.model, candidate.adapter, candidate.masks, data, proxies=METRICS, reference=reference,
+                    batch_size=batch_size, other_model=candidate.exported)
 
 
 def as_row(result: ProxyResult) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Shared fixtures: small saved models that every command can load from disk (no hub)."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -7,6 +8,14 @@ import pytest
 import torch
 
 DEMO = Path(__file__).resolve().parents[1] / "evoreap" / "demo" / "model"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """No test writes into the user's ~/.cache/evoreap (observations, references, weight hashes): the default
+    cache root is a fresh directory for the session (subprocesses inherit it); tests name their own --cache-dir
+    where they check what it holds."""
+    os.environ["EVOREAP_CACHE"] = str(tmp_path_factory.mktemp("evoreap-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -79,12 +79,13 @@ def select_sequences(data: TokenData, order: torch.Tensor | None = None, n_token
 def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.Tensor] | None, data: TokenData,
              *, proxies: Sequence[str] = ("kl",), reference: Reference | None = None,
              order: torch.Tensor | None = None, n_tokens: int | None = None, batch_size: int = 8,
-             progress: bool = False) -> ProxyResult:
+             progress: bool = False, other_model: bool = False) -> ProxyResult:
     """Score the model with only ``masks``' experts reachable (None: unpruned) on the rows chosen by ``order`` and
     ``n_tokens``; every proxy in ``proxies`` comes from the same forward pass.
 
     ``reference`` must come from :func:`evoreap.reference.build_reference` on this model and these ``data``
-    (checked) when a proxy needs one (kl, esap).
+    (checked) when a proxy needs one (kl, esap). ``other_model=True`` says that ``model`` is deliberately not the
+    reference's (a physically pruned copy compared with its unpruned source): only the data are then checked.
     """
     if isinstance(proxies, str):
         proxies = (proxies,)
@@ -98,7 +99,7 @@ def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch
         if reference is None:
             raise UsageError(f"proxy {', '.join(needs_ref)} compares against the unpruned model and needs its "
                              "reference distributions: pass reference=reference_cached(model, data, top_k=...)")
-        reference.check(model=model, data=data)
+        reference.check(model=None if other_model else model, data=data)
     rows = select_sequences(data, order, n_tokens)
     device = model_device(model)
     n_domains = len(data.domains)
