@@ -111,10 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"evoreap {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no (full disk, permissions, a path that vanished): name the path
+        if args.verbose:
+            traceback.print_exc()
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"evoreap {args.command}: error: {e.strerror or type(e).__name__}{where}; check that path (space, "
+              "permissions) and run the command again", file=sys.stderr)
+        return 1
     except Exception as e:  # an unexpected failure still gets one line without -v
         if args.verbose:
             traceback.print_exc()
-        print(f"evoreap {args.command}: unexpected error: {type(e).__name__}: {e} (re-run with -v for the "
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"evoreap {args.command}: unexpected error: {type(e).__name__}: {first} (re-run with -v for the "
               "traceback and report it)", file=sys.stderr)
         return 1
 

@@ -27,11 +27,23 @@ def _plt():
     return plt
 
 
-def _read(run: Path, name: str) -> Any:
+def _read(run: Path, name: str, *keys: str) -> dict[str, Any]:
+    """A JSON object the run stored, with ``keys`` present; anything else is a usage error naming the file."""
     p = run / name
     if not p.is_file():
         raise UsageError(f"{run} has no {name}; is it a finished evoreap search run?")
-    return json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{p} is not valid JSON ({e}); re-run the search that wrote it (it resumes) to rewrite it") \
+            from None
+    except OSError as e:
+        raise UsageError(f"cannot read {p}: {e.strerror or e}") from None
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else list(keys)
+    if not isinstance(data, dict) or missing:
+        what = f"lacks {', '.join(missing)}" if isinstance(data, dict) else "is not a JSON object"
+        raise UsageError(f"{p} {what}; is it a run of this evoreap version? re-run the search that wrote it")
+    return data
 
 
 def plot_allocation(run: Path, result: dict[str, Any]) -> Path:
@@ -148,7 +160,7 @@ def plot_domain_usage(run: Path, stats: Any) -> Path:
     return out
 
 
-def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path]) -> None:
+def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path], storage: str | None = None) -> None:
     """Attach the pictures to the run's Optuna study as artifacts (files in ``RUN/artifacts``), so that
     optuna-dashboard shows them beside the trials."""
     try:
@@ -157,8 +169,7 @@ def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path]) -> No
 
         from evoreap.search.storage import open_storage
 
-        storage = open_storage(env["storage"])
-        study = optuna.load_study(study_name=env["study"], storage=storage)
+        study = optuna.load_study(study_name=env["study"], storage=open_storage(storage or env["storage"]))
         (run / "artifacts").mkdir(exist_ok=True)
         store = FileSystemArtifactStore(base_path=str(run / "artifacts"))
         stored = get_all_artifact_meta(study)
@@ -179,15 +190,31 @@ def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path]) -> No
         log.warning("pictures not stored as Optuna artifacts: %s", e)
 
 
-def write_report(run: str | Path, artifacts: bool = False) -> Path:
+def write_report(run: str | Path, artifacts: bool = False, storage: str | None = None) -> Path:
     """Draw every picture of a finished run and write its ``report.md``; with ``artifacts`` also attach the
-    pictures to the run's Optuna study (done once, at the end of a search)."""
+    pictures to the run's Optuna study (done once, at the end of a search) in ``storage`` (default: the one
+    ``environment.json`` names, whose password, if any, is masked there)."""
     run = Path(run)
-    result = _read(run, "result.json")
-    history = _read(run, "history.json")
-    best = _read(run, "best_allocation.json")
-    config = _read(run, "config.json")
+    result = _read(run, "result.json", "space", "best", "uniform", "heldout", "generations", "tokens_spent",
+                   "stopped_by", "best_value", "uniform_value")
+    history = _read(run, "history.json", "history")
+    best = _read(run, "best_allocation.json", "layers")
+    config = _read(run, "config.json", "config")
     env = _read(run, "environment.json")
+    from evoreap.search.run import writable
+
+    if not writable(run):
+        raise UsageError(f"cannot write the pictures and report.md into {run}: it is not writable; make it writable "
+                         "(or copy the run directory somewhere writable and plot that)")
+    try:
+        return _write_report(run, result, history, best, config, env, artifacts, storage)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a hand-edited or foreign file
+        raise UsageError(f"{run} holds results this evoreap version cannot draw ({type(e).__name__}: {e}); re-run "
+                         "the search that wrote them") from None
+
+
+def _write_report(run: Path, result: dict[str, Any], history: dict[str, Any], best: dict[str, Any],
+                  config: dict[str, Any], env: dict[str, Any], artifacts: bool, storage: str | None) -> Path:
     meta = best.get("meta", {})
     proxy = meta.get("proxy", "proxy")
     pictures = [plot_allocation(run, result), plot_history(run, history, proxy)]
@@ -236,7 +263,7 @@ def write_report(run: str | Path, artifacts: bool = False) -> Path:
             lines += ["", f"Rank correlation between stage-1 and stage-2 scores: mean {sum(rhos) / len(rhos):.2f} "
                           f"over {len(rhos)} generations."]
     if artifacts:
-        _store_artifacts(run, env, pictures)
+        _store_artifacts(run, env, pictures, storage)
     lines += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
     out = run / "report.md"
     from evoreap.allocation import write_text_atomic

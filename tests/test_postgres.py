@@ -4,7 +4,9 @@
 none lost or duplicated, none left WAITING/RUNNING) and end with the single-process run's best or better.
 
 The PostgreSQL server comes from ``initdb``/``pg_ctl`` (Debian: ``apt-get install postgresql``, which .ci/run
-does); the test is skipped, saying why, only where those or psycopg2 are missing or the server does not start.
+does); the test is skipped, saying why, only where those or psycopg (3, evoreap[postgres]) are missing or the server
+does not start. evoreap connects with the README's URL form, ``postgresql://user:pass@host:port/db``, as a role that
+must give its password over TCP (scram-sha-256), and never shows or stores that password.
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PG_USER, PG_PASSWORD = "evoreap", "Pg-s3cret-w0rd"
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A throw-away PostgreSQL server on 127.0.0.1 (a free port) with an empty database; stopped at the end."""
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install psycopg2-binary)")
+def postgres_server():
+    """A throw-away PostgreSQL server on 127.0.0.1 (a free port) with an empty database ``evoreap_test`` owned by
+    the role ``evoreap``, which logs in over TCP with its password only; stopped at the end. Yields the port."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed (pip install 'evoreap[postgres]')")
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql")
@@ -68,7 +74,9 @@ def postgres_url():
     def sh(*cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
 
-    r = sh(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+    # the superuser only over the server's own socket; TCP (what evoreap uses) needs a password
+    r = sh(initdb, "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+           "--no-sync")
     if r.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"initdb failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
@@ -79,22 +87,28 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"PostgreSQL did not start: {text.strip().splitlines()[-1:]}")
     try:
-        con = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-        con.autocommit = True
-        con.cursor().execute("CREATE DATABASE evoreap_test")
-        con.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/evoreap_test"
+        with psycopg.connect(host=str(root), port=port, user="postgres", dbname="postgres", autocommit=True) as con:
+            con.execute(f"CREATE ROLE {PG_USER} LOGIN PASSWORD '{PG_PASSWORD}'")
+            con.execute(f"CREATE DATABASE evoreap_test OWNER {PG_USER}")
+        yield port
     finally:
         sh(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
 
 
-def search(model: Path, runs: Path, cache: Path, name: str, *extra: str) -> None:
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    """The README's URL form, user and password included (no driver named: SQLAlchemy picks psycopg 3)."""
+    return f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{postgres_server}/evoreap_test"
+
+
+def search(model: Path, runs: Path, cache: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "evoreap.cli", "search", "--model", str(model), "--runs-dir", str(runs),
                         "--cache-dir", str(cache), "--run", name, *SEARCH, *extra], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def summary(storage: str, run_dir: Path) -> dict:
@@ -134,7 +148,7 @@ def check_many_workers(single: dict, many: dict) -> None:
     # longer to import torch than this small search takes (tests/test_faults.py kills a worker that did score)
 
 
-def run_with_workers(model: Path, runs: Path, cache: Path, name: str, storage: str) -> None:
+def run_with_workers(model: Path, runs: Path, cache: Path, name: str, storage: str) -> str:
     """--workers 4 plus one worker started by hand with --worker, as on another machine (it starts first, so it
     is ready when the leader enqueues) and ends by itself once the leader marks the study done."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -142,20 +156,55 @@ def run_with_workers(model: Path, runs: Path, cache: Path, name: str, storage: s
                                str(runs), "--cache-dir", str(cache), "--run", name, *SEARCH, "--storage", storage,
                                "--worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        search(model, runs, cache, name, "--storage", storage, "--workers", "4")
+        leader = search(model, runs, cache, name, "--storage", storage, "--workers", "4")
         _, err = remote.communicate(timeout=120)
     finally:
         if remote.poll() is None:
             remote.kill()
     assert remote.returncode == 0, err.decode()[-2000:]
+    return leader.stdout + leader.stderr + err.decode()
 
 
 def test_four_workers_on_postgresql(small_model_dir, tmp_path, single, postgres_url):
-    run_with_workers(small_model_dir, tmp_path / "runs", single["cache"], "pg", postgres_url)
+    """The README's ``postgresql://user:pass@host:port/db`` as it stands; the password is in no output and in no
+    file of the run (config.json, environment.json, worker logs), where the URL appears masked."""
+    output = run_with_workers(small_model_dir, tmp_path / "runs", single["cache"], "pg", postgres_url)
     many = summary(postgres_url, tmp_path / "runs" / "pg")
     check_many_workers(single, many)
+    assert PG_PASSWORD not in output
+    run = tmp_path / "runs" / "pg"
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert PG_PASSWORD.encode() not in f.read_bytes(), f
+    env = json.loads((run / "environment.json").read_text())
+    assert env["storage"] == postgres_url.replace(PG_PASSWORD, "***")
     print(f"\npostgresql: {len(many['keys'])} trials (single process {len(single['keys'])}), "
           f"{len(many['workers'])} processes scored, states {many['states']}")
+
+
+def test_wrong_password_is_one_line_without_it(small_model_dir, tmp_path, postgres_server, capsys):
+    """A wrong password fails before the model is loaded, in one line that masks the password it was given."""
+    from evoreap.cli import main
+
+    url = f"postgresql://{PG_USER}:Wrong-passw0rd@127.0.0.1:{postgres_server}/evoreap_test"
+    rc = main(["search", "--model", str(small_model_dir), "--runs-dir", str(tmp_path / "runs"), "--cache-dir",
+               str(tmp_path / "cache"), "--run", "x", *SEARCH, "--storage", url])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert rc == 2 and len(lines) == 1, err
+    assert "Wrong-passw0rd" not in err and "***" in lines[0] and "password" in lines[0].lower(), lines[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_readme_url_opens_a_storage(postgres_url):
+    """``open_storage`` takes the README's URL (no driver named) and gives a working Optuna storage."""
+    import optuna
+
+    from evoreap.search.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(postgres_url), study_name="readme-url", load_if_exists=True)
+    study.enqueue_trial({"x": 1})
+    assert study.study_name in optuna.get_all_study_names(open_storage(postgres_url))
 
 
 def test_four_workers_on_a_journal_file(small_model_dir, tmp_path, single):

@@ -15,9 +15,55 @@ def add_model_arguments(p: argparse.ArgumentParser, positional: bool = False) ->
                    help="allow a model directory's own Python code to run (read it first)")
 
 
+def device_type(text: str) -> str:
+    """``--device``: a torch device this machine has (checked when the command line is read, so that a missing GPU
+    fails in one line before anything is loaded or created)."""
+    import torch
+
+    try:
+        dev = torch.device(text.strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+                raise argparse.ArgumentTypeError(
+                    f"cuda is not available in this torch build (torch {torch.__version__} is CPU-only); "
+                    "install a CUDA build of torch (see README) or use --device cpu")
+            raise argparse.ArgumentTypeError(
+                "cuda is not available (torch sees no GPU: check the driver and CUDA_VISIBLE_DEVICES); "
+                "use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: there is no such GPU, torch sees {count} "
+                                             f"(cuda:0 to cuda:{count - 1}); pick one of them")
+        return str(dev)
+    if dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise argparse.ArgumentTypeError(f"{dev.type} is not available in this torch build or on this "
+                                             "machine; use --device cpu")
+        return str(dev)
+    raise argparse.ArgumentTypeError(f"{text}: evoreap runs on cpu, cuda, cuda:N, mps or xpu, not {dev.type}")
+
+
+def dtype_type(text: str) -> str:
+    """``--dtype``: a dtype name evoreap knows (returned as given)."""
+    from evoreap.errors import UsageError
+    from evoreap.models import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
+    p.add_argument("--device", type=device_type, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", type=dtype_type, default="float32", help="compute dtype: float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and any sampling")
 
 
@@ -25,7 +71,33 @@ def add_data_arguments(p: argparse.ArgumentParser, default_split: str, tokens: i
     p.add_argument("--data", default="demo",
                    help=f"data spec: bundled domains (code, drama, tools, math, demo), files (.txt/.jsonl/.parquet) "
                         f"or hf:ID, each as SOURCE[@SPLIT][:WEIGHT]; default split here is {default_split}")
-    p.add_argument("--tokens", type=int, default=tokens, help="tokens to use (rounded up to whole sequences)")
-    p.add_argument("--samples", type=int, default=None, help="sequences to use (overrides --tokens)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--tokens", type=positive_int, default=tokens, help="tokens to use (rounded up to whole sequences)")
+    p.add_argument("--samples", type=positive_int, default=None, help="sequences to use (overrides --tokens)")
+    p.add_argument("--seq-len", type=seq_len_type, default=256, help="tokens per packed sequence")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+
+
+_MAX_COUNT = 2**53  # beyond this a count is no longer exact as a float (and is no real token or batch count)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (token, sample and batch counts), refused in one line otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > _MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text[:20]}... is far too large; give at most {_MAX_COUNT}")
+    return value
+
+
+def seq_len_type(text: str) -> int:
+    """argparse type for ``--seq-len``: at least 2 tokens (a row of L tokens scores L-1 next-token predictions);
+    the model's own limit (max_position_embeddings) is checked once its config is read."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("must be at least 2 tokens (a row of L tokens scores L-1 next-token "
+                                         f"predictions), got {value}")
+    return value

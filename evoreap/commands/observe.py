@@ -84,13 +84,14 @@ def _show(args: argparse.Namespace) -> int:
         if Path(resolve_model(args.model)).is_dir():  # config, tokenizer and routers only: no weights are loaded
             from evoreap.observe.sequential import describe_checkpoint
 
-            info = describe_checkpoint(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)[2]
+            info = describe_checkpoint(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                       cache_dir=args.cache_dir)[2]
         else:
             from evoreap.models import load_model
             from evoreap.observe.store import describe_model
 
             info = describe_model(load_model(args.model, dtype=args.dtype, device=args.device,
-                                             trust_remote_code=args.trust_remote_code))
+                                             trust_remote_code=args.trust_remote_code), args.cache_dir)
         expect = info["fingerprint"]["sha256"]
     obs = load_observation(args.show, cache_dir=args.cache_dir, expect_model_fingerprint=expect)
     stats = obs.stats
@@ -132,15 +133,27 @@ def run(args: argparse.Namespace) -> int:
     get_criterion(args.criterion)  # fail on a typo before any work
     if args.min_count < 0:
         raise UsageError(f"--min-count must be >= 0, got {args.min_count}")
-    if args.show:
+    if args.show is not None:
+        if not args.show.strip():
+            raise UsageError("--show needs an observation key, key prefix or directory (printed by evoreap observe)")
         return _show(args)
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    for flag, value in (("--tokens", args.tokens), ("--samples", args.samples),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    from evoreap.files import check_writable_dir
+    from evoreap.observe.store import cache_root
+
+    # the cache is where the observation goes: a file or an unwritable place fails before the model is loaded
+    check_writable_dir(cache_root(args.cache_dir),
+                       "--cache-dir" if args.cache_dir is not None else "cache directory ($EVOREAP_CACHE)")
 
     from evoreap.data import load_tokens
     from evoreap.observe.store import observations_dir, observe_cached
 
-    if args.max_memory is not None and args.max_memory <= 0:
+    if args.max_memory is not None and not 0 < args.max_memory < float("inf"):  # also refuses nan
         raise UsageError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
     if args.offload or args.max_memory is not None:
         from evoreap.observe.sequential import observe_offloaded_cached
@@ -157,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code)
         data = load_tokens(args.data, loaded.tokenizer, split="calibration", seq_len=args.seq_len,
-                           tokens=args.tokens, samples=args.samples, seed=args.seed)
+                           tokens=args.tokens, samples=args.samples, seed=args.seed,
+                           model_config=loaded.adapter.config)  # --seq-len within the model's positions
         key, stats = observe_cached(loaded, data, cache_dir=args.cache_dir, batch_size=args.batch_size,
                                     progress=not args.quiet, seed=args.seed,
                                     checkpoint_every=args.checkpoint_every or 16)

@@ -91,20 +91,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-plots", action="store_true", help="skip the pictures and report")
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """The plain numeric options (the budget, space, criterion, proxy and evolution settings are checked by
+    ``SearchSession.prepare`` against the model's config, the destinations after them: all before any work)."""
+    at_least = [("--workers", args.workers, 1), ("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 2),
+                ("--calib-tokens", args.calib_tokens, 1), ("--heldout-tokens", args.heldout_tokens, 1),
+                ("--reference-top-k", args.reference_top_k, 1), ("--min-count", args.min_count, 0),
+                ("--trials", args.trials, 1), ("--token-budget", args.token_budget, 1)]
+    for flag, value, low in at_least:
+        if value is not None and value < low:
+            why = " (a sequence of L tokens scores L-1 next-token predictions)" if flag == "--seq-len" else ""
+            raise UsageError(f"{flag} must be at least {low}{why}, got {value}")
+    if not 0.0 <= args.guided <= 1.0:  # also refuses nan
+        raise UsageError(f"--guided is a share of mutations, in [0, 1]; got {args.guided}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    if args.worker and args.run is None:  # else a worker elsewhere would make a run of its own and wait on it
+        raise UsageError("--worker needs --run NAME: the run name the leader logs on its set-up line")
+
+
 def run(args: argparse.Namespace) -> int:
     from evoreap.search.session import SearchSession
 
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
-    if args.storage and not args.worker:  # a bad URL or an unreachable database fails before any work: no run left
-        from evoreap.search.storage import open_storage
-
-        open_storage(args.storage)
+    if args.worker and args.storage is None and os.environ.get(LEADER_ENV) == str(os.getppid()):
+        args.storage = os.environ.get(STORAGE_ENV)  # from a local leader: not on the command line, where ps shows it
+    check_numbers(args)
     if args.worker:
-        if args.run is None:  # else a worker elsewhere would make a run of its own and wait on an empty study
-            raise UsageError("--worker needs --run NAME: the run name the leader logs on its set-up line")
         _exit_with_leader()
-    session = SearchSession.prepare(args)
+    session = SearchSession.prepare(args)  # checks everything else before it creates or loads anything
     if args.worker:
         session.work()
         return 0
@@ -129,6 +143,7 @@ def _stop_workers(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
 
 
 LEADER_ENV = "EVOREAP_LEADER_PID"
+STORAGE_ENV = "EVOREAP_LEADER_STORAGE"  # the storage URL for local workers (it may hold a password)
 
 
 def _exit_with_leader() -> None:
@@ -169,9 +184,9 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _spawn_workers(args: argparse.Namespace, session) -> list[subprocess.Popen]:
-    argv = _worker_argv(args) + ["--run", session.run.path.name, "--storage", session.storage_url]
+    argv = _worker_argv(args) + ["--run", session.run.path.name]
     cmd = [sys.executable, "-m", "evoreap.cli", *argv, "--worker", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", LEADER_ENV: str(os.getpid())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LEADER_ENV: str(os.getpid()), STORAGE_ENV: session.storage_url}
     log.info("starting %d worker processes", args.workers - 1)
     procs = []
     for i in range(args.workers - 1):

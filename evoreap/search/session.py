@@ -13,15 +13,17 @@ from typing import Any
 import optuna
 import torch
 
-from evoreap.allocation import Allocation, keep_masks, select_experts, write_json_atomic
+from evoreap.allocation import Allocation, keep_masks, kept_experts
 from evoreap.data import TokenData, load_tokens
+from evoreap.data.loader import check_seq_len
 from evoreap.errors import UsageError
 from evoreap.models import LoadedModel, load_model
 from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
 from evoreap.search.evolution import layer_mass_curves
 from evoreap.search.run import RunDir, default_run_name, find_unfinished, identity_hash
 from evoreap.search.space import Budget, SearchSpace, load_space_settings
-from evoreap.search.storage import fail_dead_trials, open_storage
+from evoreap.search.storage import StorageSpec, check_storage, fail_dead_trials, mask_url, open_storage, \
+    probe_storage
 
 log = logging.getLogger(__name__)
 STUDY_NAME = "evoreap"
@@ -57,7 +59,13 @@ class SearchSession:
         from evoreap.adapters import MoEAdapter
         from evoreap.models import load_config
 
-        adapter = MoEAdapter(load_config(args.model, trust_remote_code=args.trust_remote_code))
+        config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+        adapter = MoEAdapter(config)
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+        if isinstance(vocab, int) and args.reference_top_k > vocab:  # the held-out table always uses it
+            raise UsageError(f"--reference-top-k {args.reference_top_k} is larger than the vocabulary ({vocab}); "
+                             "pass at most that (the default 64 is plenty)")
+        check_seq_len(args.seq_len, adapter.config)  # longer than the model's positions: refused before any weight
         space_settings = load_space_settings(args.space)
 
         def build(sizes: tuple[int, ...] | None = None) -> SearchSpace:
@@ -70,6 +78,9 @@ class SearchSession:
         proxy = get_proxy(args.proxy)
         weights = parse_proxy_weights(args.proxy_weights) if args.proxy_weights else None
         settings = _evolution_settings(args)
+        # Then every destination (run directory, cache, storage, --export) and the database: still nothing is
+        # created or loaded, so a mistake here leaves nothing behind.
+        check_destinations(args)
         if args.worker:
             torch.set_num_threads(1)
 
@@ -94,7 +105,8 @@ class SearchSession:
                                  f"({', '.join(search.domains)})")
 
         identity = {
-            "model": loaded.path, "model_fingerprint": _model_fp(loaded.model), "space": space.describe(),
+            "model": loaded.path, "model_fingerprint": _model_fp(loaded.model, args.cache_dir),
+            "space": space.describe(),
             "criterion": args.criterion, "min_count": args.min_count, "proxy": proxy.name,
             "proxy_weights": weights, "sampler": args.sampler, "evolution": asdict(settings),
             "seed": args.seed, "seq_len": args.seq_len, "reference_top_k": args.reference_top_k,
@@ -108,7 +120,10 @@ class SearchSession:
             name = found.name if found else default_run_name(loaded.path, f"b{space.total}")
             if found:
                 log.info("resuming unfinished run %s (same settings)", name)
-        run = RunDir.open(name, runs_dir, identity, {k: v for k, v in vars(args).items() if not k.startswith("_")})
+        options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        if options.get("storage"):
+            options["storage"] = mask_url(options["storage"])  # never store a password in the run directory
+        run = RunDir.open(name, runs_dir, identity, options)
         storage_url = args.storage or f"sqlite:///{(run.path / 'study.db').resolve()}"
 
         key, stats = _observe(loaded, calib, args)
@@ -132,7 +147,7 @@ class SearchSession:
                                     load_if_exists=True)
         if not args.worker:
             study.set_user_attr("space", space.describe())
-            run.environment({"observation_key": key, "storage": storage_url, "study": study.study_name,
+            run.environment({"observation_key": key, "storage": mask_url(storage_url), "study": study.study_name,
                              "allowed_overlaps": overlaps, "data": {
                 "calibration": calib.file_hashes, "search": search.file_hashes, "heldout": heldout.file_hashes}})
         log.info("set-up: %s, %d MoE layers x %d experts, budget %s -> %d experts kept (uniform %s), run %s (%.1fs)",
@@ -220,22 +235,19 @@ class SearchSession:
                                     reference=ref, batch_size=self.args.batch_size)
         table = {k: {"values": v.values, "per_domain": v.per_domain, "tokens": v.tokens} for k, v in rows.items()}
 
-        kept = {layer: select_experts(adapter, self.scores[layer], k).tolist()
-                for layer, k in zip(space.layers, best)}
+        kept = kept_experts(Allocation(space.layers, best), adapter, self.scores)  # as export and evaluate choose
         meta = {"budget": space.budget.described, "budget_params": space.budget.params,
                 "criterion": self.args.criterion, "min_count": self.args.min_count, "proxy": self.args.proxy,
                 "proxy_weights": self.weights, "search_value": result["best_value"],
                 "uniform_search_value": result["uniform_value"], "heldout": table["searched"]["values"],
                 "observation_key": self.observation_key, "model": self.loaded.path, "run": str(self.run.path),
                 "calibration_data": self.args.calib_data, "search_data": self.args.data}
-        alloc = Allocation(space.layers, best, meta)
-        data = alloc.to_json(adapter)
-        data["experts"] = {str(layer): idx for layer, idx in kept.items()}
+        alloc = Allocation(space.layers, best, meta).with_experts(kept)
         self.run.write("history.json", {k: result[k] for k in ("history", "correlations", "scored_top")})
         summary = {k: v for k, v in result.items() if k not in ("history", "scored_top")}
         summary.update(best=list(best), uniform=list(uniform), heldout=table, space=space.describe())
         self.run.write("result.json", summary)
-        write_json_atomic(self.run.path / "best_allocation.json", data)
+        alloc.save(self.run.path / "best_allocation.json", adapter)  # the one allocation writer
         print_summary(space, result, table, self.args.proxy)
         if self.args.export:
             from evoreap.export import export_pruned
@@ -246,7 +258,7 @@ class SearchSession:
             try:
                 from evoreap.report import write_report
 
-                write_report(self.run.path, artifacts=True)
+                write_report(self.run.path, artifacts=True, storage=self.storage_url)
             except ImportError as e:  # plotting is an optional extra
                 log.warning("no pictures or report (%s); pip install 'evoreap[plot]'", e)
         print(f"run directory: {self.run.path}  (best allocation: {self.run.path / 'best_allocation.json'})")
@@ -272,6 +284,42 @@ def print_summary(space: SearchSpace, result: dict[str, Any], table: dict[str, A
     for name, row in table.items():
         v = row["values"]
         print(f"  {name:24s} {v['nll']:8.4f} {math.exp(v['nll']):9.2f} {v['kl']:8.4f} {v['esap']:7.4f}")
+
+
+def check_destinations(args: argparse.Namespace) -> StorageSpec | None:
+    """Check, creating nothing, every place a search writes to: the run directory (a resumed run's config must be
+    readable), the cache, the ``--storage`` file or database (connected to once), and the ``--export`` directory
+    (empty unless ``--overwrite``, not the model, the run directory, the cache or the storage file). Returns the
+    checked ``--storage`` (None for the default, a SQLite file in the run directory)."""
+    from evoreap.files import check_destination, check_writable_dir
+    from evoreap.models import resolve_model
+    from evoreap.observe.store import cache_root
+
+    runs_dir = Path(args.runs_dir).expanduser()
+    RunDir.check(args.run, runs_dir)
+    cache = cache_root(args.cache_dir)
+    check_writable_dir(cache, "--cache-dir" if args.cache_dir is not None else "cache directory ($EVOREAP_CACHE)")
+    spec = check_storage(args.storage) if args.storage else None
+    if args.export and not args.worker:
+        model = Path(resolve_model(args.model))
+        if not model.is_dir():
+            raise UsageError(f"--export writes a pruned copy of a local model directory, and {args.model} is a hub "
+                             "id; download it first and pass --model DIR")
+        sources = {"model directory": model, "run directory": runs_dir / args.run if args.run else runs_dir,
+                   "cache directory": cache}
+        if spec is not None and spec.path is not None:
+            sources["storage file"] = spec.path
+        out = Path(args.export).expanduser()
+        check_destination(out, sources=sources, what="--export")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--export {args.export} is a file, not a directory; pass a directory path")
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise UsageError(f"--export {args.export} exists and is not empty; pass --overwrite to replace it once "
+                             "the search is done, or choose a new path")
+        check_writable_dir(out, "--export")
+    if spec is not None:
+        probe_storage(spec)  # last: a wrong password or an unreachable server, before any weight is read
+    return spec
 
 
 def _proxies(proxy: str) -> tuple[str, ...]:
@@ -305,10 +353,10 @@ def _scores(stats, args: argparse.Namespace, criterion: str | None = None) -> di
     return score_experts(stats, criterion or args.criterion, min_count=min_count, seed=args.seed)
 
 
-def _model_fp(model: torch.nn.Module) -> str:
+def _model_fp(model: torch.nn.Module, cache_dir: str | None = None) -> str:
     from evoreap.reference import model_fingerprint
 
-    return model_fingerprint(model)
+    return model_fingerprint(model, cache_dir)
 
 
 def _guard_overlap(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:

@@ -15,12 +15,16 @@ asks for it again.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import re
 import socket
 import threading
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import filelock
@@ -40,29 +44,174 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+@dataclass(frozen=True)
+class StorageSpec:
+    """A checked storage URL: ``kind`` is ``journal``, ``sqlite`` or ``server`` (PostgreSQL, MySQL); ``path`` is the
+    file of a journal or SQLite storage."""
+
+    url: str
+    kind: str
+    path: Path | None = None
+
+    @property
+    def shown(self) -> str:
+        return mask_url(self.url)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for every message, log line and file evoreap writes."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        if parsed.password is not None:
+            return parsed.render_as_string(hide_password=True)
+        return url
+    except Exception:  # not a SQLAlchemy URL: hide anything between "user:" and "@" all the same
+        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _scrub(text: str, url: str) -> str:
+    """A driver's message with the URL's password (if any) masked wherever it appears."""
+    try:
+        password = sqlalchemy.engine.make_url(url).password
+    except Exception:
+        password = None
+    text = text.replace(url, mask_url(url))
+    return text.replace(password, "***") if password and len(password) >= 3 else text
+
+
+def _is_journal(url: str) -> bool:
+    return url.startswith("journal://") or (url.endswith((".log", ".jsonl")) and "://" not in url)
+
+
+def check_storage(url: str) -> StorageSpec:
+    """Check a storage URL without opening, creating or connecting to anything: the scheme is known, its driver is
+    installed, and a journal or SQLite file can be created where it points. Raises UsageError saying what to fix."""
+    if _is_journal(url):
+        path = Path(url.removeprefix("journal://")).expanduser()
+        if not str(path).strip():
+            raise UsageError(f"storage URL {url!r} names no file; use journal:///path/to/journal.log")
+        _check_storage_file(path, url, "journal.log")
+        return StorageSpec(url, "journal", path)
+    hint = "use sqlite:///runs/NAME/study.db, postgresql://user:pass@host:port/db, or journal:///path/to/journal.log"
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        raise UsageError(f"storage URL {mask_url(url)!r} is not understood; {hint}") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        raise UsageError(f"storage URL {mask_url(url)!r}: write postgresql://, not postgres://")
+    if backend not in ("sqlite", "postgresql", "mysql"):
+        raise UsageError(f"storage URL {mask_url(url)!r} is not understood (scheme {backend!r}); {hint}")
+    try:
+        dialect = parsed.get_dialect()
+    except Exception:
+        raise UsageError(f"storage URL {mask_url(url)!r} names a driver SQLAlchemy does not know "
+                         f"({parsed.drivername!r}); {hint}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        missing = getattr(e, "name", None) or str(e)
+        if parsed.drivername == "postgresql":  # no driver named: whichever of psycopg 3 and psycopg2 is installed
+            for driver in ("psycopg", "psycopg2"):
+                if driver != dialect.driver and importlib.util.find_spec(driver) is not None:
+                    return check_storage(parsed.set(drivername=f"postgresql+{driver}")
+                                         .render_as_string(hide_password=False))
+        if backend == "postgresql":
+            fix = ("install evoreap[postgres] (pip install 'evoreap[postgres]', which brings psycopg 3, the driver "
+                   "SQLAlchemy uses for postgresql://)" if dialect.driver == "psycopg"
+                   else f"install the {dialect.driver} driver, or write postgresql:// and install evoreap[postgres]")
+        else:
+            fix = f"install the {dialect.driver} driver (e.g. mysql+pymysql:// with pip install pymysql)"
+        raise UsageError(f"storage URL {mask_url(url)} needs the Python module {missing}, which is not installed; "
+                         f"{fix}") from None
+    if backend != "sqlite":
+        if not parsed.database:
+            raise UsageError(f"storage URL {mask_url(url)} names no database; use "
+                             f"{backend}://user:pass@host:port/DATABASE")
+        return StorageSpec(url, "server")
+    if parsed.database in (None, "", ":memory:"):
+        raise UsageError(f"storage URL {url!r} is an in-memory database, which workers cannot share and a re-run "
+                         "cannot resume; use sqlite:///path/to/study.db")
+    path = Path(parsed.database).expanduser()
+    _check_storage_file(path, url, "study.db")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise UsageError(f"storage file {path} exists and is not a SQLite database; choose another path "
+                                 "(or move that file away)")
+    return StorageSpec(url, "sqlite", path)
+
+
+def _check_storage_file(path: Path, url: str, example: str) -> None:
+    from evoreap.files import real
+
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"storage file {path} is a dangling symlink (to {os.readlink(path)}); pass a real path")
+    if path.is_dir():
+        raise UsageError(f"storage {mask_url(url)} points at the directory {path}; name a file in it, e.g. "
+                         f"{path / example}")
+    parent = real(path).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot create storage file {path}: {parent} is a file, not a directory; choose another "
+                         "--storage path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create storage file {path}: {parent} is not writable; choose another --storage "
+                         "path")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise UsageError(f"storage file {path} is not readable and writable; fix its permissions or choose another")
+
+
+def probe_storage(spec: StorageSpec, timeout: float = 10.0) -> None:
+    """Connect once to a database server and close again (creates no table): a wrong password or an unreachable
+    host fails here, before any model is loaded. Journal and SQLite files are only checked (:func:`check_storage`),
+    since opening them would create them."""
+    if spec.kind != "server":
+        return
+    args = {"connect_timeout": int(timeout)}
+    try:
+        engine = sqlalchemy.create_engine(spec.url, connect_args=args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as e:  # sqlalchemy raises driver-specific errors
+        raise UsageError(f"cannot open storage {spec.shown}: {_first_line(e, spec.url)}; check the URL, the "
+                         "credentials and that the database is reachable") from None
+
+
+def _first_line(e: BaseException, url: str) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    first = text.splitlines()[0].strip() if text else type(e).__name__
+    return _scrub(first, url)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: ``sqlite:///path``, ``postgresql://...``, ``mysql://...`` or a journal file
-    (``journal:///path/to/file.log`` or a path ending in ``.log``/``.jsonl``)."""
-    if url.startswith("journal://") or url.endswith((".log", ".jsonl")) and "://" not in url:
-        path = url.removeprefix("journal://")
+    (``journal:///path/to/file.log`` or a path ending in ``.log``/``.jsonl``). Checks it first
+    (:func:`check_storage`); errors never show the password."""
+    spec = check_storage(url)
+    if spec.kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if not scheme.startswith(("sqlite", "postgresql", "mysql")):
-        raise UsageError(f"storage URL {url!r} is not understood; use sqlite:///runs/NAME/study.db, "
-                         "postgresql://user:pass@host/db, or journal:///path/to/journal.log")
-    engine = {"connect_args": {"timeout": 60}} if scheme.startswith("sqlite") else {"pool_pre_ping": True}
+        path = str(spec.path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        except OSError as e:
+            raise UsageError(f"cannot open journal storage {path}: {e.strerror or e}; choose a writable path") \
+                from None
+    engine = {"connect_args": {"timeout": 60}} if spec.kind == "sqlite" else {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5 but are what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                          grace_period=GRACE_PERIOD)
+            return optuna.storages.RDBStorage(spec.url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                              grace_period=GRACE_PERIOD)
     except Exception as e:  # sqlalchemy raises driver-specific errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot open storage {url}: {first}; check the URL and that the database is reachable") \
-            from None
+        raise UsageError(f"cannot open storage {spec.shown}: {_first_line(e, url)}; check the URL, the credentials "
+                         "and that the database is reachable") from None
 
 
 def trials_by_key(study: optuna.Study, states: tuple[TrialState, ...]) -> dict[str, optuna.trial.FrozenTrial]:
