@@ -374,3 +374,22 @@ def test_observe_max_memory_not_a_size(small_model_dir, tmp_path, capsys, no_mod
     expect(capsys, 2, ["--max-memory", "positive"], "observe", "--model", small_model_dir, "--max-memory", value,
            "--tokens", "256", "--seq-len", "64", "--cache-dir", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--budget-params", "10000000000"], ["--budget-params", "model has only"]),
+    (["--budget-gb", "1000", "--bits", "4"], ["--budget-gb", "model has only"]),
+])
+def test_budget_above_the_model_is_refused(flags, words, small_model_dir, tmp_path, capsys, no_model_load):
+    """A budget larger than every routed expert would silently keep them all (a unit slip, e.g. GB for MB)."""
+    expect(capsys, 2, words, "search", "--model", small_model_dir, *flags, "--runs-dir", tmp_path / "runs",
+           "--cache-dir", tmp_path / "cache", *FAST)
+    assert tree(tmp_path) == []
+
+
+def test_binary_space_file_is_one_line(small_model_dir, tmp_path, capsys, no_model_load):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(b"\xff\xfe\x00binary")
+    expect(capsys, 2, ["search space", "not valid YAML"], "search", "--model", small_model_dir, "--budget", "0.5",
+           "--space", space, "--runs-dir", tmp_path / "runs", "--cache-dir", tmp_path / "cache", *FAST)
+    assert tree(tmp_path) == ["space.yaml"]

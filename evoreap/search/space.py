@@ -74,8 +74,8 @@ def load_space_settings(name_or_path: str) -> SpaceSettings:
         raise UsageError(f"search space {name_or_path} not found; use one of {available} or a YAML file path")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UsageError(f"search space {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"search space {p} is not valid YAML: {(str(e).splitlines() or ['?'])[0]}") from None
     return SpaceSettings.from_mapping(data, str(p))
 
 
@@ -104,11 +104,20 @@ class Budget:
         if params is not None:
             if params <= 0:
                 raise UsageError(f"--budget-params must be positive, got {params}")
-            return cls(int(params), f"{params:,} routed-expert parameters")
-        if bits is None or not bits > 0 or not gb > 0:
+            return cls(cls._within(int(params), full, "--budget-params"), f"{params:,} routed-expert parameters")
+        if bits is None or not bits > 0 or not gb > 0 or not math.isfinite(gb * bits):
             raise UsageError("--budget-gb needs a positive size and a positive --bits, e.g. --budget-gb 12 --bits 4")
         # Target size of the routed experts after quantisation to `bits` bits per weight (1 GB = 1e9 bytes).
-        return cls(int(gb * 1e9 * 8 / bits), f"{gb:g} GB of routed experts at {bits:g} bits")
+        return cls(cls._within(int(gb * 1e9 * 8 / bits), full, "--budget-gb"),
+                   f"{gb:g} GB of routed experts at {bits:g} bits")
+
+    @staticmethod
+    def _within(params: int, full: int, flag: str) -> int:
+        # a budget above the model keeps every expert: almost certainly a unit mistake, not a wish to prune nothing
+        if params > full:
+            raise UsageError(f"{flag} asks for {params:,} routed-expert parameters but the model has only {full:,}; "
+                             "give a smaller budget (or --budget F as a fraction)")
+        return params
 
 
 @dataclass(frozen=True)
