@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from evoreap.commands.common import add_model_arguments, add_runtime_arguments
+from evoreap.commands.common import add_model_arguments, add_runtime_arguments, positive_int, seq_len_type
 from evoreap.errors import UsageError
 
 NAME = "evaluate"
@@ -24,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--allocation", help="allocation JSON (best_allocation.json of a search, or your own)")
     what.add_argument("--pruned", help="a directory written by evoreap export")
     p.add_argument("--data", default="demo", help="evaluation data spec (split 'heldout' for bundled domains)")
-    p.add_argument("--tokens", type=int, default=32768, help="evaluation tokens")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--tokens", type=positive_int, default=32768, help="evaluation tokens")
+    p.add_argument("--seq-len", type=seq_len_type, default=256, help="tokens per packed sequence")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     p.add_argument("--reference-top-k", type=int, default=64, help="top-K log-probs kept of the unpruned model")
     p.add_argument("--criterion", default=None, help="criterion choosing experts when the allocation lists none")
     p.add_argument("--observation", default=None, help="observation key for --criterion")
@@ -44,59 +44,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for machines")
 
 
-def _pruning_meta(args: argparse.Namespace) -> dict:
+def _pruning_meta(args: argparse.Namespace):
+    """``(allocation, meta)``: the allocation (None for --pruned) read by the one allocation reader, and the meta
+    that names the data the pruning was fitted to."""
+    from evoreap.allocation import Allocation, read_json
+
     if args.allocation:
-        p = Path(args.allocation)
-        if not p.is_file():
-            raise UsageError(f"allocation file {args.allocation} does not exist")
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"allocation file {args.allocation} is not valid JSON ({e})") from None
+        alloc = Allocation.load(args.allocation)
+        return alloc, alloc.meta
     info = Path(args.pruned) / "evoreap.json"
     if not info.is_file():
         raise UsageError(f"{args.pruned} has no evoreap.json; pass a directory written by evoreap export")
-    return json.loads(info.read_text())
+    record = read_json(info, "export record")
+    meta = record.get("meta", record) if isinstance(record, dict) else None
+    if not isinstance(meta, dict):
+        raise UsageError(f"export record {info} is not a JSON object; export the model again")
+    return None, meta
 
 
-def _candidate(args, loaded, data_meta):
+def _candidate(args, loaded, alloc):
     from evoreap.adapters import MoEAdapter
     from evoreap.evaluation import Candidate
 
-    if args.allocation:
-        from evoreap.allocation import Allocation, keep_masks
+    if alloc is not None:
+        from evoreap.allocation import keep_masks
 
-        alloc = Allocation.from_json(data_meta, args.allocation).validate(loaded.adapter)
-        experts = data_meta.get("experts")
-        if experts:
-            import torch
-
-            masks = {}
-            for layer, idx in experts.items():
-                if len(idx) < loaded.adapter.num_experts:
-                    m = torch.zeros(loaded.adapter.num_experts, dtype=torch.bool)
-                    m[idx] = True
-                    masks[int(layer)] = m
-        else:
+        alloc.validate(loaded.adapter)  # the same validator as export: counts and any listed experts
+        scores = None
+        if alloc.experts is None:
             from evoreap.criteria import score_experts
             from evoreap.observe.store import check_routers, load_observation, router_tensors
 
-            key = args.observation or alloc.meta.get("observation_key")
-            criterion = args.criterion or alloc.meta.get("criterion")
+            key = args.observation or alloc.meta_text("observation_key")
+            criterion = args.criterion or alloc.meta_text("criterion")
             if not key or not criterion:
                 raise UsageError("the allocation lists no experts; pass --observation KEY and --criterion NAME")
-            obs = load_observation(key, cache_dir=args.cache_dir)
+            obs = load_observation(key, cache_dir=args.cache_dir, expect_experts={
+                layer.index: layer.num_experts for layer in loaded.adapter.layers(loaded.model)})
             check_routers(obs, router_tensors(loaded.model, loaded.adapter), str(loaded.path))
-            masks = keep_masks(loaded.adapter, alloc, score_experts(obs.stats, criterion))
+            scores = score_experts(obs.stats, criterion)
+        masks = keep_masks(loaded.adapter, alloc, scores)  # listed experts, or chosen by scores (kept_experts)
         return Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
     from evoreap.models import load_model
 
     # evoreap's own modeling code in a non-uniform export is recognised byte for byte (evoreap.models.needs_trust)
     pruned = load_model(args.pruned, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    return Candidate("pruned (exported)", pruned.model, MoEAdapter.for_model(pruned.model))
+    return Candidate("pruned (exported)", pruned.model, MoEAdapter.for_model(pruned.model), exported=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    from evoreap.allocation import meta_text
     from evoreap.data import load_tokens
     from evoreap.data.guard import check_overlap
     from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
@@ -104,20 +101,20 @@ def run(args: argparse.Namespace) -> int:
     from evoreap.reference import reference_cached
 
     harness = _harness(args)  # a missing package or an unknown task fails before any model work
-    meta_file = _pruning_meta(args)
-    meta = meta_file.get("meta", meta_file)
-    fitted = {role: (meta[key], split) for role, key, split in
+    alloc, meta = _pruning_meta(args)
+    where = alloc.source if alloc is not None else f"export record {Path(args.pruned) / 'evoreap.json'}"
+    fitted = {role: (meta_text(meta, key, where), split) for role, key, split in
               (("calibration", "calibration_data", "calibration"), ("search", "search_data", "search"))
-              if meta.get(key)}
+              if meta_text(meta, key, where)}
     if fitted:
         check_overlap({**fitted, "evaluation": (args.data, "heldout")}, allow=args.allow_overlap)
         if harness and harness[0].uses_demo_tasks:
             check_overlap({**fitted, "lm-eval demo task": ("demo", "heldout")}, allow=args.allow_overlap)
-    loaded = load_model(args.model or meta.get("model"), dtype=args.dtype, device=args.device,
+    loaded = load_model(args.model or meta_text(meta, "model", where), dtype=args.dtype, device=args.device,
                         trust_remote_code=args.trust_remote_code)
-    cand = _candidate(args, loaded, meta_file)  # a bad allocation fails before any reference is computed and cached
+    cand = _candidate(args, loaded, alloc)  # a bad allocation fails before any reference is computed and cached
     data = load_tokens(args.data, loaded.tokenizer, split="heldout", seq_len=args.seq_len, tokens=args.tokens,
-                       seed=args.seed)
+                       seed=args.seed, model_config=loaded.adapter.config)
     reference = reference_cached(loaded.model, data, top_k=args.reference_top_k, cache_dir=args.cache_dir,
                                  batch_size=args.batch_size)
     full = Candidate("unpruned", loaded.model, loaded.adapter)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -40,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Output")
     g.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new export is done")
+    g.add_argument("--copy-external-links", action="store_true",
+                   help="copy tokenizer/license files that are symlinks leading out of the model directory (as real "
+                        "files); without it such a link is refused")
     g.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
     g.add_argument("--dry-run", action="store_true",
                    help="validate and print the plan (tensors kept/sliced/dropped, bytes before/after); write nothing")
@@ -59,33 +61,6 @@ def parse_size(text: str) -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
-def _explicit_experts(data: dict[str, Any], allocation: Allocation, num_experts: int, where: str
-                      ) -> dict[int, list[int]] | None:
-    """The allocation's own kept indices (``"experts"``); a layer keeping every expert may be left out."""
-    experts = data.get("experts")
-    if experts is None:
-        return None
-    if not isinstance(experts, dict):
-        raise UsageError(f'{where}: "experts" must map layer indices to lists of kept expert indices')
-    out = {}
-    for k, v in experts.items():
-        index = str(k).isascii() and str(k).isdigit()
-        if not index or not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                            for i in v):
-            raise UsageError(f"{where}: experts[{k!r}] must be a list of expert indices")
-        out[int(k)] = v
-    counts = allocation.as_dict()
-    out.update({layer: list(range(n)) for layer, n in counts.items() if layer not in out and n == num_experts})
-    wrong = {layer: (len(out.get(layer, [])), n) for layer, n in counts.items() if len(out.get(layer, [])) != n}
-    extra = sorted(set(out) - set(counts))
-    if wrong or extra:
-        first = next(iter(wrong.items()), None)
-        what = (f"layer {first[0]} lists {first[1][0]} experts but keeps {first[1][1]}" if first
-                else f"layers {extra} are not in \"layers\"")
-        raise UsageError(f'{where}: "experts" does not match "layers": {what}')
-    return out
-
-
 def _check_observation_routers(src: str, adapter, observation) -> None:
     from evoreap.export.plan import router_tensor_infos
     from evoreap.export.reader import CheckpointIndex, read_tensor
@@ -98,46 +73,40 @@ def _check_observation_routers(src: str, adapter, observation) -> None:
 def _scored_experts(args: argparse.Namespace, src: str, allocation: Allocation, adapter
                     ) -> tuple[dict[int, list[int]], str, str]:
     """Kept experts chosen by a criterion's scores on a stored observation."""
-    criterion = args.criterion or allocation.meta.get("criterion")
-    key = args.observation or allocation.meta.get("observation_key")
+    criterion = args.criterion or allocation.meta_text("criterion")
+    key = args.observation or allocation.meta_text("observation_key")
     if not criterion or not key:
         raise UsageError("the allocation does not list its kept experts; pass --observation KEY and --criterion NAME "
                          "(see evoreap observe) so that export can choose them")
     try:
-        from evoreap.allocation import keep_masks
+        from evoreap.allocation import kept_experts
         from evoreap.criteria import score_experts
         from evoreap.observe.store import load_observation
     except ImportError as e:
         raise EvoreapError(f"choosing experts by criterion needs the observation store, which this install lacks "
                            f"({e}); list the kept experts in the allocation's \"experts\" field instead") from None
     kwargs = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-    observation = load_observation(key, **kwargs)
+    observation = load_observation(key, **kwargs,
+                                   expect_experts={i: adapter.num_experts for i in adapter.moe_layer_indices})
     _check_observation_routers(src, adapter, observation)
     scores = score_experts(observation.stats, criterion)
     missing = sorted(set(allocation.layers) - set(scores))
     if missing:
         raise UsageError(f"observation {key} has no statistics for MoE layers {missing}; was it made for this model?")
-    masks = keep_masks(adapter, allocation, scores)
-    kept = {layer: mask.nonzero().flatten().tolist() for layer, mask in masks.items()}
-    return kept, criterion, key
+    return kept_experts(allocation, adapter, scores), criterion, key
 
 
 def resolve_kept(args: argparse.Namespace, src: str, adapter
                  ) -> tuple[dict[int, list[int]], Allocation, dict[str, Any]]:
     """The kept original expert indices per MoE layer, the allocation and the provenance for the export record."""
+    from evoreap.allocation import kept_experts
+
     path = args.allocation
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"allocation file {path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"allocation file {path} is not valid JSON ({e})") from None
-    allocation = Allocation.from_json(data, str(path)).validate(adapter)
-    explicit = _explicit_experts(data, allocation, adapter.num_experts, str(path))
-    if explicit is not None:
-        kept = explicit
-        criterion = args.criterion or allocation.meta.get("criterion")
-        key = args.observation or allocation.meta.get("observation_key")
+    allocation = Allocation.load(path).validate(adapter)  # the one reader and validator (evaluate uses the same)
+    if allocation.experts is not None:
+        kept = kept_experts(allocation, adapter)
+        criterion = args.criterion or allocation.meta_text("criterion")
+        key = args.observation or allocation.meta_text("observation_key")
     else:
         kept, criterion, key = _scored_experts(args, src, allocation, adapter)
     meta = allocation.meta
@@ -177,7 +146,7 @@ def print_plan(adapter, plan, max_shard: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from evoreap.adapters import MoEAdapter
     from evoreap.export import export_pruned, plan_export
-    from evoreap.export.core import _check_out, read_source_config
+    from evoreap.export.core import check_out, read_source_config
     from evoreap.models import load_config, resolve_model
 
     src = resolve_model(args.model)
@@ -186,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                          "model first (e.g. hf download ID --local-dir DIR) and pass --model DIR")
     max_shard = parse_size(args.max_shard_size)
     if not args.dry_run:  # a bad --out fails before any weight is read or scored
-        _check_out(Path(args.out).expanduser().absolute(), args.overwrite)
+        check_out(args.out, src, args.overwrite)
     read_source_config(Path(src), args.trust_remote_code)  # refuse custom code before running any of it
     adapter = MoEAdapter(load_config(src, trust_remote_code=args.trust_remote_code))
     kept, allocation, meta = resolve_kept(args, src, adapter)
@@ -195,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print_plan(adapter, plan, max_shard)
         return 0
     result = export_pruned(src, args.out, kept, meta=meta, overwrite=args.overwrite, max_shard_bytes=max_shard,
-                           progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
+                           progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
+                           follow_external_links=args.copy_external_links)
     kind = "uniform (stock config)" if result.uniform else "non-uniform (load with trust_remote_code=True)"
     shards = sum(f.endswith(".safetensors") for f in result.files)
     print(f"wrote {result.out}: {kind}, {result.tensors_written} tensors in {shards} shard(s), "

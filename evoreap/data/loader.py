@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import random
@@ -20,6 +21,11 @@ from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import sha256_file  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
+
+# Tokenising is bounded by what is still needed: at most this many characters per missing token are handed to the
+# tokenizer at a time (real tokenizers average 2-6 characters per token), so a single 50 MB line is not tokenised
+# whole to take a few hundred tokens from its start.
+CHARS_PER_TOKEN_BOUND = 64
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,48 @@ class TokenData:
 
 
 def _render(record: dict[str, Any], tokenizer: Any, where: str) -> str:
+    """One record's text: its ``text`` string, or its chat ``messages`` rendered (chat template, else
+    ``role: content`` lines). ``where`` names the file and line (or record) for errors."""
     if isinstance(record.get("text"), str):
         return record["text"]
     messages = record.get("messages")
     if isinstance(messages, list):
+        for j, m in enumerate(messages, 1):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                shown = repr(m)
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                raise UsageError(f"{where}: message {j} of 'messages' is {shown}, not an object with string 'role' "
+                                 'and \'content\'; write e.g. {"role": "user", "content": "hi"}')
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+            try:
+                return tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception as e:  # jinja raises many types for messages a template does not accept
+                first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+                raise UsageError(f"{where}: the tokenizer's chat template cannot render these messages ({first}); "
+                                 "fix the record or give plain 'text'") from None
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     raise UsageError(f"{where}: a record has neither a 'text' string nor a 'messages' list (fields: "
-                     f"{', '.join(sorted(record)) or 'none'}); convert it to one of those")
+                     f"{', '.join(sorted(map(str, record))) or 'none'}); convert it to one of those")
+
+
+def _read_jsonl(path: str, text: str, tokenizer: Any) -> list[str]:
+    """The documents of a JSON-lines file, one record per non-blank line; errors name the line."""
+    docs = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 raw
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except RecursionError:
+            raise UsageError(f"{path}, line {n}: the record is nested too deeply to read") from None
+        except ValueError as e:
+            raise UsageError(f"{path}, line {n}: not valid JSON ({str(e).splitlines()[0][:120]}); each line must "
+                             "be one JSON object") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}, line {n}: a record must be a JSON object with a 'text' string or a "
+                             f"'messages' list, not {type(record).__name__}")
+        docs.append(_render(record, tokenizer, f"{path}, line {n}"))
+    return docs
 
 
 def _read_file(path: str, tokenizer: Any) -> list[str]:
@@ -85,6 +124,13 @@ def _read_file(path: str, tokenizer: Any) -> list[str]:
         except UnicodeDecodeError:
             raise UsageError(f"data file {path} is not UTF-8 text; convert it (iconv -t utf-8)") from None
         return [d.strip() + "\n" for d in text.split("\n\n\n") if d.strip()] or [text]
+    if suffix == ".jsonl":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise UsageError(f"{path}, line {line}: not UTF-8 text; convert the file (iconv -t utf-8)") from None
+        return _read_jsonl(path, text, tokenizer)
     import datasets
 
     builder = "parquet" if suffix == ".parquet" else "json"
@@ -93,7 +139,7 @@ def _read_file(path: str, tokenizer: Any) -> list[str]:
     except Exception as e:  # datasets raises many types for malformed files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot read data file {path} as {builder}: {first}") from None
-    return [_render(r, tokenizer, str(path)) for r in ds]
+    return [_render(r, tokenizer, f"{path}, record {i}") for i, r in enumerate(ds, 1)]
 
 
 def read_documents(source: DataSource, tokenizer: Any = None) -> list[str]:
@@ -110,7 +156,7 @@ def read_documents(source: DataSource, tokenizer: Any = None) -> list[str]:
         raise EvoreapError(f"cannot load dataset {source.location!r} (split {source.split}): "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; is a hub reachable? "
                            "Otherwise download it and pass the local file") from None
-    return [_render(r, tokenizer, source.location) for r in ds]
+    return [_render(r, tokenizer, f"{source.location}, record {i}") for i, r in enumerate(ds, 1)]
 
 
 def source_hash(source: DataSource) -> str | None:
@@ -123,14 +169,33 @@ def source_hash(source: DataSource) -> str | None:
 
 def _pack(docs: list[str], tokenizer: Any, seq_len: int, limit: int | None, seed: int) -> tuple[np.ndarray, int]:
     """Shuffle documents (seeded), tokenise them EOS-separated and cut full ``seq_len`` rows (stop at ``limit``).
-    Returns the rows and the number of tokens read."""
+    Returns the rows and the number of tokens read.
+
+    With a ``limit`` a document is handed to the tokenizer at most ``CHARS_PER_TOKEN_BOUND`` characters per token
+    still needed at a time, and not read past the point where enough tokens are there: a huge document costs what is
+    taken from it, not its size. Documents shorter than that bound (all ordinary ones) are tokenised whole, exactly
+    as before."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     need = None if limit is None else limit * seq_len
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
     for i in order:
-        ids.extend(tokenizer(docs[i], add_special_tokens=False, verbose=False)["input_ids"])
+        doc = docs[i]
+        if need is None or len(doc) <= CHARS_PER_TOKEN_BOUND * (need - len(ids)):
+            ids.extend(tokens(doc))
+        else:  # a long document: take it piece by piece until enough tokens are there
+            pos = 0
+            while pos < len(doc) and len(ids) < need:
+                step = CHARS_PER_TOKEN_BOUND * (need - len(ids))
+                ids.extend(tokens(doc[pos:pos + step]))
+                pos += step
+            if pos < len(doc):  # enough tokens from inside this document: no EOS, nothing more to read
+                break
         if eos is not None:
             ids.append(eos)
         if need is not None and len(ids) >= need:
@@ -139,20 +204,37 @@ def _pack(docs: list[str], tokenizer: Any, seq_len: int, limit: int | None, seed
     return np.asarray(ids[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len), len(ids)
 
 
+def check_seq_len(seq_len: int, model_config: Any = None) -> None:
+    """Refuse a ``--seq-len`` below 2 (a row of L tokens scores L-1 next-token predictions) or, given the model's
+    config, longer than its positions (``max_position_embeddings``)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 tokens (a row of L tokens scores L-1 next-token "
+                         f"predictions), got {seq_len}")
+    if model_config is None:
+        return
+    from evoreap.adapters.adapter import text_config
+
+    limit = getattr(text_config(model_config), "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < seq_len:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings in its config.json); use --seq-len {limit} or less")
+
+
 def load_tokens(spec: str | list[DataSource], tokenizer: Any, *, split: str, seq_len: int,
-                tokens: int | None = None, samples: int | None = None, seed: int = 0) -> TokenData:
+                tokens: int | None = None, samples: int | None = None, seed: int = 0,
+                model_config: Any = None) -> TokenData:
     """Load, tokenise and pack the data of ``spec``.
 
     The number of sequences asked for is ``samples``, or ``ceil(tokens / seq_len)``, or everything available; each
     source gets its weight's share rounded up (at least one sequence), so with several sources the total can exceed
-    it by up to one sequence per source. A source with less than one full sequence is an error.
+    it by up to one sequence per source. A source with less than one full sequence is an error. With
+    ``model_config``, a ``seq_len`` beyond the model's positions is refused (:func:`check_seq_len`).
     """
-    if seq_len <= 0:
-        raise UsageError(f"--seq-len must be a positive number of tokens, got {seq_len}")
+    check_seq_len(seq_len, model_config)
     if tokens is not None and tokens <= 0 or samples is not None and samples <= 0:
         raise UsageError("--tokens and --samples must be positive")
     sources = parse_data_spec(spec, split) if isinstance(spec, str) else spec
-    total = samples if samples is not None else (math.ceil(tokens / seq_len) if tokens is not None else None)
+    total = samples if samples is not None else (-(-tokens // seq_len) if tokens is not None else None)
     rows, labels, names, prints, hashes = [], [], [], {}, {}
     for k, src in enumerate(sources):
         # rounded up, so that the sources together cover at least what was asked for

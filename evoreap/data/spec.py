@@ -77,6 +77,8 @@ def parse_data_spec(spec: str, default_split: str) -> list[DataSource]:
             sources.append(DataSource(item[3:], "hub", item[3:], split or "train", weight))
         elif Path(item).suffix.lower() in FILE_SUFFIXES:
             p = Path(item).expanduser()
+            if p.is_dir():
+                raise UsageError(f"data file {item} is a directory; name the file itself")
             if not p.is_file():
                 raise UsageError(f"data file {item} does not exist; check the path")
             sources.append(DataSource(p.stem, "file", str(p), split, weight))
