@@ -214,3 +214,30 @@ def test_four_workers_on_a_journal_file(small_model_dir, tmp_path, single):
     check_many_workers(single, many)
     print(f"\njournal: {len(many['keys'])} trials (single process {len(single['keys'])}), "
           f"{len(many['workers'])} processes scored, states {many['states']}")
+
+
+def _open(url: str) -> None:
+    from evoreap.search.storage import open_storage
+
+    open_storage(url)
+
+
+def test_processes_creating_the_tables_at_once(postgres_url):
+    """A leader and workers started together on an empty database all create Optuna's tables; PostgreSQL refuses
+    the second CREATE TYPE with a unique violation, which used to end a worker with "cannot open storage"."""
+    import multiprocessing
+
+    import psycopg
+
+    schema = "race"
+    with psycopg.connect(postgres_url, autocommit=True) as con:
+        con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        con.execute(f"CREATE SCHEMA {schema}")
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_open, args=(url,)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from evoreap.data import load_tokens
     from evoreap.data.guard import check_overlap
     from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
-    from evoreap.models import load_model
+    from evoreap.data.loader import check_seq_len
+    from evoreap.models import load_config, load_model
     from evoreap.reference import reference_cached
 
     harness = _harness(args)  # a missing package or an unknown task fails before any model work
@@ -110,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         check_overlap({**fitted, "evaluation": (args.data, "heldout")}, allow=args.allow_overlap)
         if harness and harness[0].uses_demo_tasks:
             check_overlap({**fitted, "lm-eval demo task": ("demo", "heldout")}, allow=args.allow_overlap)
-    loaded = load_model(args.model or meta_text(meta, "model", where), dtype=args.dtype, device=args.device,
-                        trust_remote_code=args.trust_remote_code)
+    model = args.model or meta_text(meta, "model", where)
+    check_seq_len(args.seq_len, load_config(model, trust_remote_code=args.trust_remote_code))  # before any weight
+    loaded = load_model(model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     cand = _candidate(args, loaded, alloc)  # a bad allocation fails before any reference is computed and cached
     data = load_tokens(args.data, loaded.tokenizer, split="heldout", seq_len=args.seq_len, tokens=args.tokens,
                        seed=args.seed, model_config=loaded.adapter.config)

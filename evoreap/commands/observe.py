@@ -151,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
                        "--cache-dir" if args.cache_dir is not None else "cache directory ($EVOREAP_CACHE)")
 
     from evoreap.data import load_tokens
+    from evoreap.data.loader import check_seq_len
+    from evoreap.models import load_config
     from evoreap.observe.store import observations_dir, observe_cached
+
+    # --seq-len beyond the model's positions: refused from config.json, before any weight is read
+    check_seq_len(args.seq_len, load_config(args.model, trust_remote_code=args.trust_remote_code))
 
     if args.max_memory is not None and not 0 < args.max_memory < float("inf"):  # also refuses nan
         raise UsageError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")

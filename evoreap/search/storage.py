@@ -188,6 +188,9 @@ def _first_line(e: BaseException, url: str) -> str:
     return _scrub(first, url)
 
 
+_SCHEMA_ATTEMPTS = 5
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: ``sqlite:///path``, ``postgresql://...``, ``mysql://...`` or a journal file
     (``journal:///path/to/file.log`` or a path ending in ``.log``/``.jsonl``). Checks it first
@@ -204,14 +207,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise UsageError(f"cannot open journal storage {path}: {e.strerror or e}; choose a writable path") \
                 from None
     engine = {"connect_args": {"timeout": 60}} if spec.kind == "sqlite" else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5 but are what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(spec.url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                              grace_period=GRACE_PERIOD)
-    except Exception as e:  # sqlalchemy raises driver-specific errors
-        raise UsageError(f"cannot open storage {spec.shown}: {_first_line(e, url)}; check the URL, the credentials "
-                         "and that the database is reachable") from None
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5 but are what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec.url, engine_kwargs=engine,
+                                                  heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # Two processes creating the tables of a new database at once (a leader and a worker started together):
+            # PostgreSQL refuses the second CREATE TYPE/TABLE. The tables exist a moment later; open them then.
+            if not re.search(r"duplicate key|already exists", str(e)):
+                raise UsageError(f"cannot open storage {spec.shown}: {_first_line(e, url)}; check the URL, the "
+                                 "credentials and that the database is reachable") from None
+            if attempt == _SCHEMA_ATTEMPTS - 1:
+                raise UsageError(f"cannot create the tables of storage {spec.shown}: another process kept creating "
+                                 "them; start the workers again") from None
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as e:  # sqlalchemy raises driver-specific errors
+            raise UsageError(f"cannot open storage {spec.shown}: {_first_line(e, url)}; check the URL, the "
+                             "credentials and that the database is reachable") from None
+    raise AssertionError("unreachable")
 
 
 def trials_by_key(study: optuna.Study, states: tuple[TrialState, ...]) -> dict[str, optuna.trial.FrozenTrial]:
