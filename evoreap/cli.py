@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except EvoreapError as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"evoreap {args.command}: error: {e}", file=sys.stderr)
+        print(f"evoreap {args.command}: error: {e.cli_message()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"evoreap {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -39,6 +39,8 @@ from evoreap.observe.stats import ExpertStats, LayerStats
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_COUNT = 10
+# The one default criterion of observe, search, export and evaluate: it ranked best on the demo (README).
+DEFAULT_CRITERION = "reap_x_frequency"
 ENTRY_POINT_GROUP = "evoreap.criteria"
 
 CriterionFn = Callable[..., torch.Tensor]

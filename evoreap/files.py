@@ -18,6 +18,14 @@ from typing import Any
 from evoreap.errors import UsageError
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """evoreap's cache directory: ``cache_dir`` if given, else ``$EVOREAP_CACHE``, else ``~/.cache/evoreap``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("EVOREAP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoreap"
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -3,7 +3,7 @@
 Two kinds, never equal to each other (each digest is domain-separated by its kind):
 
 * **files** -- a model loaded from a local directory and not modified since: sha256 over every safetensors file's
-  validated header (:func:`evoreap.export.reader.read_header`) and the sha256 of its full contents. A multi-GB
+  validated header (:func:`evoreap.checkpoint.reader.read_header`) and the sha256 of its full contents. A multi-GB
   checkpoint is hashed once: each file's content hash is cached under ``<cache root>/fingerprints/`` keyed by its
   real path, size, ``mtime_ns``, ``ctime_ns``, inode and device (any rewrite, ``touch`` or ``cp -p`` over it changes
   one of those), written atomically; an unreadable or inconsistent entry is ignored and recomputed. The layer-by-layer
@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
+from evoreap.checkpoint.reader import CheckpointIndex, read_header
 from evoreap.errors import EvoreapError
-from evoreap.files import sha256_file, sha256_json, write_json_atomic
+from evoreap.files import cache_root, sha256_file, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def _signature(path: Path) -> dict[str, Any]:
 
 
 def _entry_path(real: str, cache_dir: str | Path | None) -> Path:
-    from evoreap.observe.store import cache_root
-
     return cache_root(cache_dir) / "fingerprints" / f"{hashlib.sha256(real.encode()).hexdigest()}.json"
 
 
@@ -88,8 +87,6 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
 
 
 def _header_digest(path: Path) -> str:
-    from evoreap.export.reader import read_header
-
     tensors, meta = read_header(path)
     return sha256_json({"tensors": [[t.name, t.dtype, list(t.shape), t.start, t.end] for t in tensors.values()],
                         "metadata": meta})
@@ -97,8 +94,6 @@ def _header_digest(path: Path) -> str:
 
 def checkpoint_files(directory: str | Path) -> list[Path]:
     """The safetensors shards of a checkpoint directory (their headers are read and validated)."""
-    from evoreap.export.reader import CheckpointIndex
-
     return list(CheckpointIndex(directory).files)
 
 

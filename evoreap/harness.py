@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evoreap.demo.harness_tasks import GROUP, demo_task_dir
 from evoreap.errors import UsageError
 
 
@@ -30,8 +31,6 @@ class HarnessSettings:
     @property
     def uses_demo_tasks(self) -> bool:
         """Whether any task is a bundled one (built from the demo's held-out split)."""
-        from evoreap.demo.harness_tasks import GROUP
-
         return any(t.startswith(GROUP) for t in self.tasks)
 
 
@@ -49,7 +48,6 @@ def task_manager(settings: HarnessSettings, cache_root: Path):
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UsageError(f"--lm-eval needs the lm-eval package: {INSTALL_HINT}") from None
-    from evoreap.demo.harness_tasks import demo_task_dir
 
     include = []
     for d in settings.include:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from evoreap.adapters import MoEAdapter, MoELayer
+from evoreap.errors import UsageError
 
 
 def _router_hook(adapter: MoEAdapter, layer: MoELayer, keep: torch.Tensor):
@@ -32,7 +33,7 @@ def _check_groups(layer: MoELayer, keep: torch.Tensor) -> None:
         return
     per_group = keep.view(groups, -1).sum(dim=1).tolist()
     if len(set(per_group)) > 1 or per_group[0] < 2 or per_group[0] * layer.router.topk_group < layer.top_k:
-        raise ValueError(f"layer {layer.index} keeps {per_group} experts in its {groups} routing groups; "
+        raise UsageError(f"layer {layer.index} keeps {per_group} experts in its {groups} routing groups; "
                          f"group-limited routing needs the same count (>= 2, and >= top-k {layer.top_k} over "
                          f"topk_group={layer.router.topk_group} groups) in every group; use allocation.select_experts")
 
@@ -43,14 +44,14 @@ def masked(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.T
     by_index = {layer.index: layer for layer in adapter.layers(model)}
     unknown = sorted(set(masks) - set(by_index))
     if unknown:
-        raise ValueError(f"layers {unknown} are not MoE layers of this model ({sorted(by_index)})")
+        raise UsageError(f"layers {unknown} are not MoE layers of this model ({sorted(by_index)})")
     handles = []
     try:
         for index, keep in masks.items():
             layer = by_index[index]
             keep = keep.to(device=layer.router.weight.device, dtype=torch.bool)
             if int(keep.sum()) < layer.top_k:
-                raise ValueError(f"layer {index} keeps {int(keep.sum())} experts, fewer than top-k {layer.top_k}")
+                raise UsageError(f"layer {index} keeps {int(keep.sum())} experts, fewer than top-k {layer.top_k}")
             _check_groups(layer, keep)
             handles.append(layer.router.register_forward_hook(_router_hook(adapter, layer, keep)))
         yield

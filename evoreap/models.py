@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
+from evoreap import preflight
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint.own_code import own_model_class
+from evoreap.checkpoint.reader import local_checkpoint
+from evoreap.checkpoint.trust import needs_trust, own_export
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.export.own_code import MODELING_FILE, is_own_export, own_model_class
+from evoreap.fingerprint import note_loaded
 
 log = logging.getLogger(__name__)
 
@@ -58,79 +61,10 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
-# Names transformers imports code from when remote code is trusted, besides auto_map entries.
-_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so", ".pyd")
-_CODE_DIRS = ("custom_generate",)
-_MAX_ENTRIES = 100_000  # a model directory with more entries than this is not one; refuse instead of walking on
-
-
-def code_entries(path: str | Path) -> list[str]:
-    """Everything in a model directory that could make transformers run code when remote code is trusted: Python
-    (or compiled extension) files at any depth, a ``custom_generate/`` folder, a symlinked folder (its contents
-    cannot be vouched for) and ``auto_map`` entries in any ``*config*.json``. Relative names, sorted."""
-    root = Path(path)
-    found: set[str] = set()
-    seen = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        seen += len(dirnames) + len(filenames)
-        if seen > _MAX_ENTRIES:
-            raise UsageError(f"{root} holds more than {_MAX_ENTRIES:,} files and folders; pass the model's own "
-                             "directory (the one with config.json and the safetensors files)")
-        for d in dirnames:
-            rel = (here / d).relative_to(root).as_posix()
-            if d in _CODE_DIRS:
-                found.add(rel + "/")
-            elif (here / d).is_symlink():
-                found.add(rel + "/ (symlinked folder)")
-        for f in filenames:
-            if f.endswith(_CODE_SUFFIXES):
-                found.add((here / f).relative_to(root).as_posix())
-    for cfg in sorted(root.glob("*config*.json")):
-        try:
-            raw = json.loads(cfg.read_text(encoding="utf-8")) if cfg.stat().st_size < 64 << 20 else {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # not readable as JSON: transformers cannot read an auto_map from it either
-        nested = [raw, *(v for v in raw.values() if isinstance(v, dict))] if isinstance(raw, dict) else []
-        for d in nested:
-            if isinstance(d, dict) and d.get("auto_map"):
-                found.add(f"{cfg.name}: auto_map")
-    return sorted(found)
-
-
-def own_export(path: str | Path) -> bool:
-    """Whether ``path`` is a non-uniform evoreap export, which evoreap loads with its own in-process class."""
-    try:
-        return is_own_export(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
-
-
-def needs_trust(path: str | Path, trust_remote_code: bool) -> bool:
-    """The ``trust_remote_code`` to pass to transformers for ``path``: only ever the user's own flag.
-
-    A local directory carrying code (see :func:`code_entries`) is refused (UsageError) unless the user allowed it.
-    A non-uniform evoreap export may carry exactly its ``modeling_evoreap.py`` and the ``auto_map`` naming it:
-    evoreap never imports that file (it builds the same class from its own template, see
-    :mod:`evoreap.export.own_code`), so they need no trust; anything else in it does.
-    """
-    p = Path(path)
-    if trust_remote_code or not p.is_dir():
-        return trust_remote_code
-    entries = code_entries(p)
-    if own_export(p):
-        entries = [e for e in entries if e not in (MODELING_FILE, "config.json: auto_map")]
-    if entries:
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise UsageError(f"{path} carries code that transformers would run ({shown}); evoreap runs no code from a "
-                         "model directory unless you pass --trust-remote-code (read that code first)")
-    return False
-
-
 def model_class(path: str | Path, config: Any) -> Any:
     """What builds the model of ``path``: evoreap's in-process class for its own non-uniform exports (so no file of
     the directory is imported), else transformers' AutoModelForCausalLM."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: transformers' auto classes take ~1.7 s to import
 
     if Path(path).is_dir() and own_export(path):
         return own_model_class(MoEAdapter(config))
@@ -138,7 +72,7 @@ def model_class(path: str | Path, config: Any) -> Any:
 
 
 def load_config(name: str | None, *, trust_remote_code: bool = False):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers' auto classes take ~1.7 s to import
 
     path = resolve_model(name)
     trust_remote_code = needs_trust(path, trust_remote_code)
@@ -155,7 +89,7 @@ def load_config(name: str | None, *, trust_remote_code: bool = False):
 
 
 def load_tokenizer(name: str | None, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers' auto classes take ~1.7 s to import
 
     path = resolve_model(name)
     trust_remote_code = needs_trust(path, trust_remote_code)
@@ -169,17 +103,12 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a supported MoE causal LM in eval mode, its tokenizer and its adapter (unsupported models fail before
     any weight is read)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: transformers' auto classes take ~1.7 s to import
 
     path = resolve_model(name)
     trust_remote_code = needs_trust(path, trust_remote_code)
     config = load_config(path, trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
-    from safetensors import SafetensorError
-
-    from evoreap import preflight
-    from evoreap.export.reader import local_checkpoint
-
     # before any weight is read: the checkpoint through evoreap's one reader (headers, shards inside the directory,
     # index matching its shards) and a real tokenizer
     local_checkpoint(path, context=f"cannot load the weights of {path}")
@@ -197,9 +126,11 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
         try:
             model, info = load()
         except RuntimeError as e:
-            if "ignore_mismatched_sizes" not in str(e):
+            if isinstance(e, EvoreapError) or "ignore_mismatched_sizes" not in str(e):
                 raise
             model, info = load(ignore_mismatched_sizes=True)  # only to name the mismatched tensors below
+    except EvoreapError:
+        raise
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvoreapError(f"cannot load the weights of {path}: {first}; check that the safetensors files are "
@@ -213,8 +144,6 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
                            f"{bad[0]}; check that the safetensors files are complete and match config.json")
     model.to(device).eval()
     preflight.check_loaded(model, adapter, info, path)  # no stored tensor left unused, finite weights
-    from evoreap.fingerprint import note_loaded
-
     note_loaded(model, path)  # its weights fingerprint hashes these files (cached) while nothing changes in memory
     log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
              len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)

@@ -2,8 +2,9 @@
 
 Each check raises one :class:`~evoreap.errors.EvoreapError` (exit 1) that says what is wrong and what to do:
 
-* :func:`check_top_k` -- top-k (``num_experts_per_tok``) is a whole number in ``1..num_experts`` (from
-  :class:`~evoreap.adapters.MoEAdapter`, i.e. before any weight is read);
+* top-k (``num_experts_per_tok``) is a whole number in ``1..num_experts``: checked by
+  :class:`~evoreap.adapters.MoEAdapter` itself (:func:`evoreap.adapters.adapter.check_top_k`), before any weight
+  is read;
 * :func:`check_tokenizer` -- the tokenizer is real: transformers returns an almost empty tokenizer (one token) when
   the tokenizer files are missing, and the model would then be observed on end-of-text tokens only;
 * :func:`check_unused` -- every stored tensor is used (or ignored by transformers' own rules): a config that declares
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from evoreap.checkpoint.layout import is_fused_experts
 from evoreap.errors import EvoreapError
 
 # A real tokenizer has at least this many tokens, and at least this share of the model's vocabulary (embeddings are
@@ -29,20 +31,6 @@ from evoreap.errors import EvoreapError
 MIN_TOKENS = 16
 MIN_VOCAB_SHARE = 0.01
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. def main(): return 42"
-
-
-def check_top_k(adapter: Any) -> None:
-    """``num_experts_per_tok`` (or the family's key) must be an integer in ``1..num_experts``."""
-    key = adapter.spec.top_k_key
-    top_k = getattr(adapter.config, key, None)
-    try:
-        experts = adapter.num_experts
-    except (AttributeError, TypeError, ValueError):
-        experts = None
-    if type(top_k) is not int or top_k < 1 or (experts is not None and top_k > experts):
-        where = f"the {experts} experts per layer" if experts is not None else "the number of experts per layer"
-        raise EvoreapError(f"config.json sets {key}={top_k!r}; top-k must be a whole number from 1 to {where}: "
-                           "fix config.json")
 
 
 def check_tokenizer(tokenizer: Any, vocab_size: int | None, path: str) -> None:
@@ -95,7 +83,7 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], path: str) -> None
     for name, t in tensors:
         if t.is_floating_point() and not _finite(t):
             where = ""
-            if ".experts." in f"{name}." and t.dim() == 3:  # fused experts: name the expert (dim 0)
+            if is_fused_experts(name, t.dim()):  # name the expert (dim 0)
                 where = f" (expert {int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0])})"
             raise EvoreapError(f"weight {name}{where} of {path} is not finite (it holds NaN or inf values); the "
                                "checkpoint is corrupt: re-download or repair it")

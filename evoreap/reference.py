@@ -33,7 +33,10 @@ import torch
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.files import sha256_file, write_json_atomic
+from evoreap.files import cache_root, sha256_file, write_json_atomic
+from evoreap.fingerprint import versions, weights_fingerprint
+from evoreap.observe.store import data_fingerprints, router_tensors
+from evoreap.observe.store import model_fingerprint as store_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,6 @@ def model_fingerprint(model: torch.nn.Module, cache_dir: str | Path | None = Non
     Cached per model object and recomputed when any parameter or buffer is replaced or modified in place (tensor
     version counters), so calling it once per candidate evaluation is free.
     """
-    from evoreap.fingerprint import versions, weights_fingerprint
-    from evoreap.observe.store import model_fingerprint as store_fingerprint
-    from evoreap.observe.store import router_tensors
-
     now = versions(model)
     hit = _FINGERPRINTS.get(model)
     if now is not None and hit is not None and hit[0] == now:
@@ -311,8 +310,6 @@ def build_reference(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
                 target[rows, s:e] = logp.gather(-1, targets[:, s:e, None].long()).squeeze(-1).cpu()
             bar.update(ids.shape[0])
     bar.close()
-    from evoreap.observe.store import data_fingerprints
-
     return Reference(topk_lp, topk_ids, tail, target, scored_positions(data.attention_mask),
                      model_fingerprint(model), data_fingerprint(data), top_k, vocab, tuple(data.domains),
                      data_fingerprints(data))
@@ -324,8 +321,6 @@ def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64
 
     ``cache_dir`` is the cache root (default :func:`cache_root`); entries live under ``<root>/reference/<key>``.
     """
-    from evoreap.observe.store import cache_root
-
     root = cache_root(cache_dir)
     model_fp = model_fingerprint(model, cache_dir)
     key = reference_key(model_fp, data_fingerprint(data), top_k)

@@ -6,6 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers as tf
+from transformers import AutoModelForCausalLM
+
+from evoreap.adapters import MoEAdapter
 
 ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss")
 
@@ -15,8 +19,6 @@ _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attentio
 
 def tiny_config(model_type: str, **overrides: Any):
     """A small config of ``model_type`` with non-default routing options switched on where the family has them."""
-    import transformers as tf
-
     if model_type == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, intermediate_size=64,
                                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], **_COMMON)
@@ -54,12 +56,8 @@ def tiny_config(model_type: str, **overrides: Any):
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random-init causal LM of ``model_type`` in fp32, eval mode. Routers get a larger init than the default
     0.02 so that routing is far from uniform and saliency rankings mean something; router biases get random values."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
-    from evoreap.adapters import MoEAdapter
-
     adapter = MoEAdapter.for_model(model)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

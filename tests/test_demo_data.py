@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from evoreap.data.overlap import DEFAULT_NGRAM, collection_ngrams, document_hash, ngram_hashes
-from evoreap.demo.corpus import DOMAINS, SPLITS, load_documents, load_texts
+from evoreap.data.bundled import DOMAINS, SPLITS, load_documents, load_texts
 from evoreap.demo import synthetic
 
 

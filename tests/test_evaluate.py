@@ -71,7 +71,7 @@ def test_pictures_are_optuna_artifacts_of_the_study(searched):
     names = sorted(m.filename for m in get_all_artifact_meta(study))
     assert names == ["allocation.png", "domain_usage.png", "history.png", "saliency.png"]
     # the same finished run reported again (a re-run of its command) stores no second copy of equal pictures
-    from evoreap.report import write_report
+    from evoreap.pipeline.report import write_report
 
     write_report(run, artifacts=True)
     assert sorted(m.filename for m in get_all_artifact_meta(study)) == names

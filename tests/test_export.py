@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint import CheckpointIndex
+from evoreap.checkpoint import reader as reader_mod
 from evoreap.cli import main
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.export import CheckpointIndex, export_pruned, plan_export, render_modeling
-from evoreap.export import reader as reader_mod
+from evoreap.export import export_pruned, plan_export, render_modeling
 from evoreap.export import writer as writer_mod
 from evoreap.masking import masked
 from evoreap.testing import ARCHITECTURES, tiny_model
@@ -284,7 +285,7 @@ def test_own_export_code_is_trusted_only_with_its_own_auto_map(saved, tmp_path):
     """A non-uniform export loads without --trust-remote-code (evoreap builds its class in-process and never imports
     the directory's file, so transformers gets trust_remote_code=False); the same export with one more auto_map entry
     (which transformers would fetch from that hub repository and run) is refused."""
-    from evoreap.models import needs_trust
+    from evoreap.checkpoint.trust import needs_trust
 
     model, adapter, src = saved("qwen3_moe")
     out = tmp_path / "out"

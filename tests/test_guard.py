@@ -21,7 +21,7 @@ def test_same_split_in_two_roles_is_refused_with_sources_and_fraction():
 
 
 def test_partial_overlap_in_a_local_file_is_measured(tmp_path):
-    from evoreap.demo.corpus import load_texts
+    from evoreap.data.bundled import load_texts
 
     held = load_texts("math", "heldout")[:10]
     fresh = [f"note {i}: " + " ".join(f"word{i}x{j}" for j in range(40)) for i in range(30)]

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from evoreap.demo.corpus import load_texts
+from evoreap.data.bundled import load_texts
 from evoreap.demo.harness_tasks import TOOL_NAMES, demo_task_dir, math_items, tool_items
 
 

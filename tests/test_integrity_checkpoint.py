@@ -198,7 +198,7 @@ def test_header_length_is_bounded_before_reading(small_model_dir, tmp_path, caps
 
 
 def test_fp8_and_sub_byte_dtypes_validate_by_size(tmp_path):
-    from evoreap.export.reader import read_header
+    from evoreap.checkpoint.reader import read_header
 
     f = tmp_path / "x.safetensors"
     good = {"e4m3": {"dtype": "F8_E4M3", "shape": [2, 4], "data_offsets": [0, 8]},
@@ -220,7 +220,7 @@ def test_fp8_and_sub_byte_dtypes_validate_by_size(tmp_path):
 
 
 def test_reader_reads_fp8_tensors(tmp_path):
-    from evoreap.export.reader import read_header, read_tensor
+    from evoreap.checkpoint.reader import read_header, read_tensor
 
     t = torch.tensor([0.5, -1.0, 2.0, 448.0]).to(torch.float8_e4m3fn)
     save_file({"w": t}, tmp_path / "x.safetensors")

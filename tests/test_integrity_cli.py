@@ -54,9 +54,9 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the mistake was found")
 
     import evoreap.models
-    import evoreap.search.session
+    import evoreap.pipeline.session
 
-    monkeypatch.setattr(evoreap.search.session, "load_model", refuse)
+    monkeypatch.setattr(evoreap.pipeline.session, "load_model", refuse)
     monkeypatch.setattr(evoreap.models, "load_model", refuse)
 
 
@@ -313,15 +313,13 @@ def test_mask_url():
 def test_local_workers_get_the_storage_url_outside_their_command_line(tmp_path, monkeypatch):
     """``--workers N`` passes the storage URL (which may hold a password) to its workers in the environment, where
     ``ps`` does not show it."""
-    import argparse
     from types import SimpleNamespace
 
-    from evoreap.commands import search as cmd
+    from evoreap.pipeline import session as cmd
+    from evoreap.pipeline.config import SearchConfig
 
     url = "postgresql://u:Secret-pw-123@h/db"
-    p = argparse.ArgumentParser()
-    cmd.add_arguments(p)
-    args = p.parse_args(["--budget", "0.5", "--storage", url, "--workers", "2"])
+    config = SearchConfig(budget=0.5, storage=url, workers=2)
     spawned = []
 
     def fake_popen(argv, env, stderr, **kw):
@@ -329,7 +327,7 @@ def test_local_workers_get_the_storage_url_outside_their_command_line(tmp_path, 
         spawned.append((argv, env))
 
     monkeypatch.setattr(cmd.subprocess, "Popen", fake_popen)
-    cmd._spawn_workers(args, SimpleNamespace(storage_url=url, run=SimpleNamespace(path=tmp_path)))
+    cmd._spawn_workers(config, SimpleNamespace(storage_url=url, run=SimpleNamespace(path=tmp_path)))
     (argv, env), = spawned
     assert not any("Secret-pw-123" in a for a in argv) and "--storage" not in argv
     assert env[cmd.STORAGE_ENV] == url

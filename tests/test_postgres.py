@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from evoreap.search.session import STUDY_NAME
+from evoreap.pipeline.session import STUDY_NAME
 
 SEARCH = ["--budget", "0.5", "--generations", "3", "--offspring", "4", "--population", "2",
           "--fidelities", "256,512,1024", "--survivors", "2,1", "--calib-tokens", "2048", "--heldout-tokens", "1024",

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from evoreap.adapters import MoEAdapter
 from evoreap.allocation import Allocation
+from evoreap.data.bundled import DOMAINS, SPLITS
 from evoreap.data.spec import parse_data_spec
-from evoreap.demo.corpus import DOMAINS, SPLITS
 from evoreap.errors import UsageError
 from evoreap.search.evolution import mutate, pattern_seeds
 from evoreap.search.space import Budget, SearchSpace, SpaceSettings

@@ -71,7 +71,7 @@ def test_hidden_states_on_disk_and_resume_chunks(tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen3-MoE with a small BPE tokenizer trained on demo text, as save_pretrained writes it."""
-    from evoreap.demo.corpus import load_texts
+    from evoreap.data.bundled import load_texts
     from evoreap.demo.train import train_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_qwen")

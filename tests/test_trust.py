@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from evoreap.checkpoint.trust import code_entries, needs_trust
 from evoreap.cli import main
 from evoreap.errors import UsageError
 from evoreap.export import export_pruned
-from evoreap.models import code_entries, load_model, needs_trust
+from evoreap.models import load_model
 
 KEPT = {0: [0, 1, 2, 3], 1: list(range(8)), 2: [1, 3], 3: [0, 2, 4, 6, 7]}
 

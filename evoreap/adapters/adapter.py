@@ -9,7 +9,7 @@ import torch
 
 from evoreap.adapters import routing
 from evoreap.adapters.spec import BY_MODEL_TYPE, SPECS, ArchSpec
-from evoreap.errors import UnsupportedModelError
+from evoreap.errors import EvoreapError, UnsupportedModelError, UsageError
 
 # Config keys that mean "this model has routed experts" in some family (used for the error message only).
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -52,14 +52,27 @@ def find_spec(config: Any) -> ArchSpec:
         f"{', '.join(_EXPERT_KEYS)} and no router; evoreap prunes routed experts of: {supported}")
 
 
+def check_top_k(adapter: MoEAdapter) -> None:
+    """``num_experts_per_tok`` (or the family's key) must be an integer in ``1..num_experts`` (a preflight check,
+    run by :class:`MoEAdapter` before any weight is read)."""
+    key = adapter.spec.top_k_key
+    top_k = getattr(adapter.config, key, None)
+    try:
+        experts = adapter.num_experts
+    except (AttributeError, TypeError, ValueError):  # a missing or non-numeric expert count: named below as unknown
+        experts = None
+    if type(top_k) is not int or top_k < 1 or (experts is not None and top_k > experts):
+        where = f"the {experts} experts per layer" if experts is not None else "the number of experts per layer"
+        raise EvoreapError(f"config.json sets {key}={top_k!r}; top-k must be a whole number from 1 to {where}: "
+                           "fix config.json")
+
+
 class MoEAdapter:
     """Architecture knowledge for one model: MoE layers, routing, expert forward and parameter accounting."""
 
     def __init__(self, config: Any):
         self.config = text_config(config)
         self.spec = find_spec(self.config)
-        from evoreap.preflight import check_top_k
-
         check_top_k(self)  # an impossible top-k fails here, before any weight is read
 
     @classmethod
@@ -124,8 +137,6 @@ class MoEAdapter:
 
     def check_keep_count(self, layer: int, keep: int) -> None:
         """Raise a clear error if ``keep`` experts cannot be kept in ``layer``."""
-        from evoreap.errors import UsageError
-
         e = self.num_experts
         if not self.min_keep() <= keep <= e:
             raise UsageError(f"layer {layer}: keeping {keep} experts is not possible; it must lie between "

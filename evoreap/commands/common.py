@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from evoreap.errors import UsageError
+from evoreap.models import parse_dtype
+
 
 def add_model_arguments(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
@@ -18,8 +23,6 @@ def add_model_arguments(p: argparse.ArgumentParser, positional: bool = False) ->
 def device_type(text: str) -> str:
     """``--device``: a torch device this machine has (checked when the command line is read, so that a missing GPU
     fails in one line before anything is loaded or created)."""
-    import torch
-
     try:
         dev = torch.device(text.strip())
     except (RuntimeError, ValueError, TypeError):
@@ -51,9 +54,6 @@ def device_type(text: str) -> str:
 
 def dtype_type(text: str) -> str:
     """``--dtype``: a dtype name evoreap knows (returned as given)."""
-    from evoreap.errors import UsageError
-    from evoreap.models import parse_dtype
-
     try:
         parse_dtype(text)
     except UsageError as e:

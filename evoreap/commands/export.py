@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
-from typing import Any
 
+from evoreap.adapters import MoEAdapter
 from evoreap.allocation import Allocation
+from evoreap.api import export, source_dir
 from evoreap.commands.common import add_model_arguments
-from evoreap.errors import EvoreapError, UsageError
-
+from evoreap.criteria import DEFAULT_CRITERION
+from evoreap.errors import UsageError
+from evoreap.export import plan_export
+from evoreap.export.writer import split_shards
+from evoreap.models import load_config
+from evoreap.pipeline.choose import choose_experts
 
 NAME = "export"
 HELP = ("write a pruned checkpoint: uniform allocations give a stock config (transformers, vLLM); non-uniform ones "
         "give per-layer counts plus evoreap's bundled modeling code (load with trust_remote_code=True)")
-EXAMPLE = ("evoreap export --model ./Qwen3-30B-A3B --allocation runs/x/candidates/best_allocation.json "
+EXAMPLE = ("evoreap export --model ./Qwen3-30B-A3B --allocation runs/NAME/best_allocation.json "
            "--out ./Qwen3-30B-A3B-pruned")
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -31,10 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='allocation JSON ({"layers": {"3": 12, ...}}); with "experts": {"3": [0, 4, ...]} the kept '
                         "original indices are taken from it, otherwise they are chosen by --criterion scores")
     g.add_argument("--criterion", default=None,
-                   help="saliency criterion that picks the kept experts; falls back to the allocation's meta.criterion")
+                   help="saliency criterion that picks the kept experts; None: the allocation's meta.criterion, "
+                        f"else {DEFAULT_CRITERION}")
     g.add_argument("--observation", default=None, metavar="KEY",
-                   help="observation key whose statistics the criterion scores; falls back to the allocation's "
-                        "meta.observation_key")
+                   help="observation key whose statistics the criterion scores; None: the allocation's "
+                        "meta.observation_key, else the model is observed on the default calibration data (once)")
     g.add_argument("--cache-dir", default=None, help="observation cache; None means $EVOREAP_CACHE or ~/.cache/evoreap")
     g = p.add_argument_group("Output")
     g.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
@@ -61,64 +65,6 @@ def parse_size(text: str) -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
-def _check_observation_routers(src: str, adapter, observation) -> None:
-    from evoreap.export.plan import router_tensor_infos
-    from evoreap.export.reader import CheckpointIndex, read_tensor
-    from evoreap.observe.store import check_routers
-
-    infos = router_tensor_infos(CheckpointIndex(src), adapter)
-    check_routers(observation, {name: read_tensor(info) for name, info in infos.items()}, src)
-
-
-def _scored_experts(args: argparse.Namespace, src: str, allocation: Allocation, adapter
-                    ) -> tuple[dict[int, list[int]], str, str]:
-    """Kept experts chosen by a criterion's scores on a stored observation."""
-    criterion = args.criterion or allocation.meta_text("criterion")
-    key = args.observation or allocation.meta_text("observation_key")
-    if not criterion or not key:
-        raise UsageError("the allocation does not list its kept experts; pass --observation KEY and --criterion NAME "
-                         "(see evoreap observe) so that export can choose them")
-    try:
-        from evoreap.allocation import kept_experts
-        from evoreap.criteria import score_experts
-        from evoreap.observe.store import load_observation
-    except ImportError as e:
-        raise EvoreapError(f"choosing experts by criterion needs the observation store, which this install lacks "
-                           f"({e}); list the kept experts in the allocation's \"experts\" field instead") from None
-    kwargs = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-    observation = load_observation(key, **kwargs,
-                                   expect_experts={i: adapter.num_experts for i in adapter.moe_layer_indices})
-    _check_observation_routers(src, adapter, observation)
-    scores = score_experts(observation.stats, criterion)
-    missing = sorted(set(allocation.layers) - set(scores))
-    if missing:
-        raise UsageError(f"observation {key} has no statistics for MoE layers {missing}; was it made for this model?")
-    return kept_experts(allocation, adapter, scores), criterion, key
-
-
-def resolve_kept(args: argparse.Namespace, src: str, adapter
-                 ) -> tuple[dict[int, list[int]], Allocation, dict[str, Any]]:
-    """The kept original expert indices per MoE layer, the allocation and the provenance for the export record."""
-    from evoreap.allocation import kept_experts
-
-    path = args.allocation
-    allocation = Allocation.load(path).validate(adapter)  # the one reader and validator (evaluate uses the same)
-    if allocation.experts is not None:
-        kept = kept_experts(allocation, adapter)
-        criterion = args.criterion or allocation.meta_text("criterion")
-        key = args.observation or allocation.meta_text("observation_key")
-    else:
-        kept, criterion, key = _scored_experts(args, src, allocation, adapter)
-    meta = allocation.meta
-    proxy = meta.get("proxy", meta.get("proxy_values"))
-    if proxy is None:
-        proxy = {k: meta[k] for k in ("kl", "nll", "loss", "ppl", "score") if k in meta} or None
-    record = {"criterion": criterion, "observation_key": key, "budget": meta.get("budget"), "proxy": proxy,
-              "allocation_meta": meta, "allocation_file": str(Path(path).resolve()),
-              "command": shlex.join(["evoreap", *sys.argv[1:]])}
-    return kept, allocation, record
-
-
 def _fmt_bytes(n: int) -> str:
     for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= div:
@@ -127,8 +73,6 @@ def _fmt_bytes(n: int) -> str:
 
 
 def print_plan(adapter, plan, max_shard: int) -> None:
-    from evoreap.export.writer import split_shards
-
     acts = plan.action_counts()
     counts = plan.counts
     print(f"architecture      {adapter.name} ({adapter.config.model_type}), {adapter.num_experts} experts per layer")
@@ -144,28 +88,20 @@ def print_plan(adapter, plan, max_shard: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evoreap.adapters import MoEAdapter
-    from evoreap.export import export_pruned, plan_export
-    from evoreap.export.core import check_out, read_source_config
-    from evoreap.models import load_config, resolve_model
-
-    src = resolve_model(args.model)
-    if not Path(src).is_dir():
-        raise UsageError(f"export reads safetensors files from a local directory, and {src} is not one; download the "
-                         "model first (e.g. hf download ID --local-dir DIR) and pass --model DIR")
     max_shard = parse_size(args.max_shard_size)
-    if not args.dry_run:  # a bad --out fails before any weight is read or scored
-        check_out(args.out, src, args.overwrite)
-    read_source_config(Path(src), args.trust_remote_code)  # refuse custom code before running any of it
-    adapter = MoEAdapter(load_config(src, trust_remote_code=args.trust_remote_code))
-    kept, allocation, meta = resolve_kept(args, src, adapter)
     if args.dry_run:
-        adapter, plan = plan_export(src, kept, trust_remote_code=args.trust_remote_code)
+        allocation = Allocation.load(args.allocation)
+        src = source_dir(args.model, allocation)
+        adapter = MoEAdapter(load_config(src, trust_remote_code=args.trust_remote_code))
+        chosen = choose_experts(allocation, adapter, src, criterion=args.criterion, observation=args.observation,
+                                cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        adapter, plan = plan_export(src, chosen.kept, trust_remote_code=args.trust_remote_code)
         print_plan(adapter, plan, max_shard)
         return 0
-    result = export_pruned(src, args.out, kept, meta=meta, overwrite=args.overwrite, max_shard_bytes=max_shard,
-                           progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
-                           follow_external_links=args.copy_external_links)
+    result = export(args.allocation, args.out, model=args.model, criterion=args.criterion,
+                    observation=args.observation, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                    max_shard_bytes=max_shard, progress=not args.no_progress,
+                    trust_remote_code=args.trust_remote_code, copy_external_links=args.copy_external_links)
     kind = "uniform (stock config)" if result.uniform else "non-uniform (load with trust_remote_code=True)"
     shards = sum(f.endswith(".safetensors") for f in result.files)
     print(f"wrote {result.out}: {kind}, {result.tensors_written} tensors in {shards} shard(s), "

@@ -8,8 +8,10 @@ import json
 import torch
 
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint.reader import local_checkpoint
+from evoreap.checkpoint.trust import needs_trust
 from evoreap.commands.common import add_model_arguments
-from evoreap.models import load_config, model_class, needs_trust, resolve_model
+from evoreap.models import load_config, model_class, resolve_model
 
 NAME = "inspect"
 HELP = "show a model's MoE layers, experts, routing and parameter counts"
@@ -24,8 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def stored_bytes(path: str) -> tuple[int, dict[str, int]] | None:
     """Bytes of all tensors of a local checkpoint (from its validated safetensors headers) and bytes by dtype; None
     for a hub id or a directory without safetensors weights."""
-    from evoreap.export.reader import local_checkpoint
-
     index = local_checkpoint(path)
     if index is None:
         return None
@@ -36,7 +36,7 @@ def stored_bytes(path: str) -> tuple[int, dict[str, int]] | None:
 
 
 def describe(name: str | None, trust_remote_code: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: ~1.7 s to import, and `evoreap --help` imports this module
 
     path = resolve_model(name)
     trust_remote_code = needs_trust(path, trust_remote_code)

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 
+from evoreap import models  # models.load_model is looked up at call time (tests replace it to catch early loads)
 from evoreap.commands.common import add_data_arguments, add_model_arguments, add_runtime_arguments
+from evoreap.criteria import DEFAULT_MIN_COUNT, get_criterion, list_criteria, score_experts
+from evoreap.data import load_tokens
+from evoreap.data.loader import check_seq_len
+from evoreap.errors import UsageError
+from evoreap.files import cache_root, check_writable_dir
+from evoreap.models import load_config, resolve_model
+from evoreap.observe.sequential import describe_checkpoint, observe_offloaded_cached
+from evoreap.observe.store import describe_model, load_observation, observations_dir, observe_cached
 
 NAME = "observe"
 HELP = "record per-expert routing statistics (REAP and others) on calibration data"
@@ -17,8 +26,6 @@ EXAMPLE = "evoreap observe --model ./Qwen3-30B-A3B --data code:0.5,tools:0.5 --t
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from evoreap.criteria import DEFAULT_MIN_COUNT
-
     add_model_arguments(p)
     add_runtime_arguments(p)
     add_data_arguments(p, default_split="calibration", tokens=65536)
@@ -44,8 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _list_criteria() -> int:
-    from evoreap.criteria import list_criteria
-
     items = list_criteria()
     width = max(len(n) for n, _ in items)
     for name, desc in items:
@@ -58,8 +63,6 @@ def _fmt(x: float) -> str:
 
 
 def _summary(stats, criterion: str, min_count: int, seed: int) -> list[str]:
-    from evoreap.criteria import score_experts
-
     scores = score_experts(stats, criterion, min_count=min_count, seed=seed)
     lines = []
     for i in stats.layers:
@@ -74,24 +77,14 @@ def _summary(stats, criterion: str, min_count: int, seed: int) -> list[str]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from evoreap.criteria import score_experts
-    from evoreap.observe.store import load_observation
-
     expect = None
     if args.model is not None:  # --model given: the observation must have been made with that model
-        from evoreap.models import resolve_model
-
         if Path(resolve_model(args.model)).is_dir():  # config, tokenizer and routers only: no weights are loaded
-            from evoreap.observe.sequential import describe_checkpoint
-
             info = describe_checkpoint(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                        cache_dir=args.cache_dir)[2]
         else:
-            from evoreap.models import load_model
-            from evoreap.observe.store import describe_model
-
-            info = describe_model(load_model(args.model, dtype=args.dtype, device=args.device,
-                                             trust_remote_code=args.trust_remote_code), args.cache_dir)
+            info = describe_model(models.load_model(args.model, dtype=args.dtype, device=args.device,
+                                                    trust_remote_code=args.trust_remote_code), args.cache_dir)
         expect = info["fingerprint"]["sha256"]
     obs = load_observation(args.show, cache_dir=args.cache_dir, expect_model_fingerprint=expect)
     stats = obs.stats
@@ -127,9 +120,6 @@ def _show(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.list_criteria:
         return _list_criteria()
-    from evoreap.criteria import get_criterion
-    from evoreap.errors import UsageError
-
     get_criterion(args.criterion)  # fail on a typo before any work
     if args.min_count < 0:
         raise UsageError(f"--min-count must be >= 0, got {args.min_count}")
@@ -143,17 +133,9 @@ def run(args: argparse.Namespace) -> int:
                         ("--checkpoint-every", args.checkpoint_every)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
-    from evoreap.files import check_writable_dir
-    from evoreap.observe.store import cache_root
-
     # the cache is where the observation goes: a file or an unwritable place fails before the model is loaded
     check_writable_dir(cache_root(args.cache_dir),
                        "--cache-dir" if args.cache_dir is not None else "cache directory ($EVOREAP_CACHE)")
-
-    from evoreap.data import load_tokens
-    from evoreap.data.loader import check_seq_len
-    from evoreap.models import load_config
-    from evoreap.observe.store import observations_dir, observe_cached
 
     # --seq-len beyond the model's positions: refused from config.json, before any weight is read
     check_seq_len(args.seq_len, load_config(args.model, trust_remote_code=args.trust_remote_code))
@@ -161,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None and not 0 < args.max_memory < float("inf"):  # also refuses nan
         raise UsageError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
     if args.offload or args.max_memory is not None:
-        from evoreap.observe.sequential import observe_offloaded_cached
-
         key, stats = observe_offloaded_cached(args.model, args.data, dtype=args.dtype, device=args.device,
                                               seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
                                               seed=args.seed, cache_dir=args.cache_dir,
@@ -170,10 +150,8 @@ def run(args: argparse.Namespace) -> int:
                                               checkpoint_every=args.checkpoint_every, progress=not args.quiet,
                                               max_hidden_bytes=int((args.max_memory or 2.0) * 2**30))
     else:
-        from evoreap.models import load_model
-
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
+        loaded = models.load_model(args.model, dtype=args.dtype, device=args.device,
+                                   trust_remote_code=args.trust_remote_code)
         data = load_tokens(args.data, loaded.tokenizer, split="calibration", seq_len=args.seq_len,
                            tokens=args.tokens, samples=args.samples, seed=args.seed,
                            model_config=loaded.adapter.config)  # --seq-len within the model's positions

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from evoreap.pipeline.report import write_report
+
 NAME = "plot"
 HELP = "redraw the pictures and report.md of a search run"
 EXAMPLE = "evoreap plot runs/demo-half"
@@ -14,8 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evoreap.report import write_report
-
     out = write_report(args.run_dir)
     print(f"wrote {out} and its pictures")
     return 0

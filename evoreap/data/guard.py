@@ -14,7 +14,7 @@ from typing import Any
 
 from evoreap.data.loader import read_documents
 from evoreap.data.overlap import DEFAULT_NGRAM, collection_ngrams, document_hash, ngram_hashes
-from evoreap.data.spec import DataSource, parse_data_spec
+from evoreap.data.spec import DataSource, as_sources
 from evoreap.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def check_overlap(specs: dict[str, tuple[str, str]], *, tokenizer: Any = None, a
 
     Raises :class:`UsageError` on any overlap unless ``allow``; returns the overlaps found (for the run record).
     """
-    roles = {role: parse_data_spec(spec, split) for role, (spec, split) in specs.items()}
+    roles = {role: as_sources(spec, split) for role, (spec, split) in specs.items()}
     overlaps = find_overlaps(roles, tokenizer, n)
     if overlaps and not allow:
         o = max(overlaps, key=lambda x: x.fraction)

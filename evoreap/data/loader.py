@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoreap.data.spec import DataSource, parse_data_spec
-from evoreap.demo.corpus import corpus_path, load_texts
+from evoreap.adapters.adapter import text_config
+from evoreap.data.bundled import corpus_path, load_texts
+from evoreap.data.spec import DataSource, as_sources
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import sha256_file  # noqa: F401  (re-exported)
 
@@ -148,6 +149,8 @@ def read_documents(source: DataSource, tokenizer: Any = None) -> list[str]:
         return load_texts(source.location, source.split)
     if source.kind == "file":
         return _read_file(source.location, tokenizer)
+    if source.kind == "dataset":
+        return [_render(r, tokenizer, f"{source.name}, record {i}") for i, r in enumerate(source.dataset, 1)]
     import datasets
 
     try:
@@ -164,6 +167,8 @@ def source_hash(source: DataSource) -> str | None:
         return sha256_file(corpus_path(source.location, source.split))
     if source.kind == "file":
         return sha256_file(source.location)
+    if source.kind == "dataset":
+        return source.location.split(":", 1)[1]  # datasets' own content fingerprint
     return None
 
 
@@ -212,15 +217,13 @@ def check_seq_len(seq_len: int, model_config: Any = None) -> None:
                          f"predictions), got {seq_len}")
     if model_config is None:
         return
-    from evoreap.adapters.adapter import text_config
-
     limit = getattr(text_config(model_config), "max_position_embeddings", None)
     if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < seq_len:
         raise UsageError(f"--seq-len {seq_len} is longer than the model's {limit} positions "
                          f"(max_position_embeddings in its config.json); use --seq-len {limit} or less")
 
 
-def load_tokens(spec: str | list[DataSource], tokenizer: Any, *, split: str, seq_len: int,
+def load_tokens(spec: Any, tokenizer: Any, *, split: str, seq_len: int,
                 tokens: int | None = None, samples: int | None = None, seed: int = 0,
                 model_config: Any = None) -> TokenData:
     """Load, tokenise and pack the data of ``spec``.
@@ -233,7 +236,7 @@ def load_tokens(spec: str | list[DataSource], tokenizer: Any, *, split: str, seq
     check_seq_len(seq_len, model_config)
     if tokens is not None and tokens <= 0 or samples is not None and samples <= 0:
         raise UsageError("--tokens and --samples must be positive")
-    sources = parse_data_spec(spec, split) if isinstance(spec, str) else spec
+    sources = as_sources(spec, split)
     total = samples if samples is not None else (-(-tokens // seq_len) if tokens is not None else None)
     rows, labels, names, prints, hashes = [], [], [], {}, {}
     for k, src in enumerate(sources):
@@ -253,6 +256,6 @@ def load_tokens(spec: str | list[DataSource], tokenizer: Any, *, split: str, seq
         prints[src.name] = hashlib.sha256(packed.tobytes()).hexdigest()
         h = source_hash(src)
         if h is not None:
-            hashes[src.location if src.kind == "file" else f"demo:{src.location}@{src.split}"] = h
+            hashes[f"demo:{src.location}@{src.split}" if src.kind == "demo" else src.location] = h
     input_ids = torch.cat(rows)
     return TokenData(input_ids, torch.ones_like(input_ids), torch.cat(labels), tuple(names), prints, hashes)

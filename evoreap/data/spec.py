@@ -16,10 +16,11 @@ Examples: ``demo``, ``code:0.5,tools:0.5``, ``code@heldout``, ``data/my_chats.js
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from evoreap.demo.corpus import DOMAINS, SPLITS
+from evoreap.data.bundled import DOMAINS, SPLITS
 from evoreap.errors import UsageError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -30,10 +31,11 @@ class DataSource:
     """One source of a data spec. ``name`` is the domain label used in per-domain reports."""
 
     name: str
-    kind: str  # "demo" | "file" | "hub"
-    location: str  # demo domain, file path or dataset id
+    kind: str  # "demo" | "file" | "hub" | "dataset"
+    location: str  # demo domain, file path, hub dataset id, or "dataset:FINGERPRINT" for an in-memory dataset
     split: str | None
     weight: float
+    dataset: Any = field(default=None, compare=False, repr=False)  # the datasets.Dataset of kind "dataset"
 
 
 def _split_weight(item: str) -> tuple[str, float]:
@@ -52,6 +54,25 @@ def _is_number(s: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def dataset_source(dataset: Any, name: str = "dataset") -> DataSource:
+    """A ``datasets.Dataset`` (records with ``text`` or chat ``messages``) as one source, named ``name`` in
+    per-domain reports; its content fingerprint (``dataset._fingerprint``) stands for it in keys and records."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if not hasattr(dataset, "__iter__") or not hasattr(dataset, "__len__") or not isinstance(fingerprint, str):
+        raise UsageError(f"data {type(dataset).__name__} is neither a data spec nor a datasets.Dataset; pass e.g. "
+                         "'demo', a file path, or a datasets.Dataset with a text or messages column")
+    return DataSource(name, "dataset", f"dataset:{fingerprint}", None, 1.0, dataset)
+
+
+def as_sources(spec: Any, default_split: str) -> list[DataSource]:
+    """A data spec string, a ``datasets.Dataset``, or sources already parsed, as a list of sources."""
+    if isinstance(spec, str):
+        return parse_data_spec(spec, default_split)
+    if isinstance(spec, list) and all(isinstance(s, DataSource) for s in spec):
+        return spec
+    return [dataset_source(spec)]
 
 
 def parse_data_spec(spec: str, default_split: str) -> list[DataSource]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from evoreap.demo.corpus import DOMAINS, corpus_path, load_texts
+from evoreap.data.bundled import DOMAINS, corpus_path, load_texts
 
 VERSION = 1
 GROUP = "evoreap_demo"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evoreap.demo.corpus import DOMAINS, load_texts
+from evoreap.data.bundled import DOMAINS, load_texts
 
 MODEL_DIR = Path(__file__).parent / "model"
 EOS = "<|endoftext|>"

@@ -2,12 +2,12 @@
 
 Uniform allocations give a stock checkpoint with a smaller expert count; non-uniform ones give a folder whose config
 carries the per-layer counts and whose bundled ``modeling_evoreap.py`` (evoreap's own template) builds each layer at
-its size, loaded with ``trust_remote_code=True``.
+its size, loaded with ``trust_remote_code=True``. Reading the source checkpoint (headers, byte ranges, names) is
+:mod:`evoreap.checkpoint`'s.
 """
 
 from evoreap.export.core import ExportResult, export_pruned, plan_export, render_modeling
 from evoreap.export.plan import ExportPlan, TensorPlan, build_plan, check_kept
-from evoreap.export.reader import CheckpointIndex, TensorInfo
 
-__all__ = ["CheckpointIndex", "ExportPlan", "ExportResult", "TensorInfo", "TensorPlan", "build_plan", "check_kept",
-           "export_pruned", "plan_export", "render_modeling"]
+__all__ = ["ExportPlan", "ExportResult", "TensorPlan", "build_plan", "check_kept", "export_pruned", "plan_export",
+           "render_modeling"]

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint.own_code import COUNTS_KEY, MODELING_FILE, OWN_AUTO_MAP, REMOTE_CLASS, render_modeling
+from evoreap.checkpoint.reader import CheckpointIndex, aux_file
+from evoreap.checkpoint.trust import needs_trust
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.files import check_destination, check_writable_dir, real
 from evoreap.export.card import FORMAT as EXPORT_FORMAT
 from evoreap.export.card import export_record, model_card
-from evoreap.export.own_code import COUNTS_KEY, MODELING_FILE, OWN_AUTO_MAP, REMOTE_CLASS, render_modeling
 from evoreap.export.plan import ExportPlan, build_plan
-from evoreap.export.reader import CheckpointIndex, aux_file
 from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
+from evoreap.files import check_destination, check_writable_dir, real
+from evoreap.models import load_config
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ def read_source_config(src: Path, trust_remote_code: bool) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvoreapError(f"{path} is not valid JSON ({e})") from None
-    from evoreap.models import needs_trust
-
     needs_trust(src, trust_remote_code)  # refuses custom code (the export never copies it) unless allowed
     if COUNTS_KEY in raw:
         raise UsageError(f"{src} is already a non-uniform evoreap export; prune the original model instead")
@@ -75,6 +75,7 @@ def _expert_count_keys(config: Any, key: str) -> set[str]:
 
 def new_config(raw: dict[str, Any], config: Any, adapter: MoEAdapter, plan: ExportPlan) -> dict[str, Any]:
     """The exported config.json: stock with the new count (uniform), or per-layer counts + auto_map (non-uniform)."""
+    # lazy: transformers' auto modules take seconds to import, and only an export needs them
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     out = json.loads(json.dumps(raw))
@@ -128,8 +129,6 @@ def _is_export(path: Path) -> bool:
 def plan_export(src: str | Path, kept: dict[int, list[int]], *, trust_remote_code: bool = False
                 ) -> tuple[MoEAdapter, ExportPlan]:
     """Validate ``kept`` against the model in ``src`` and plan every tensor; reads only headers and config."""
-    from evoreap.models import load_config
-
     src = Path(src)
     read_source_config(src, trust_remote_code)
     adapter = MoEAdapter(load_config(str(src), trust_remote_code=trust_remote_code))
@@ -154,8 +153,6 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         follow_external_links: copy auxiliary files (tokenizer, license, ...) that are symlinks leading out of
             ``src`` (as real files); without it such a file is refused before anything is written.
     """
-    from evoreap.models import load_config
-
     t0 = time.perf_counter()
     src = real(src)
     if not src.is_dir():
@@ -219,7 +216,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _check_written_config(tmp: Path, adapter: MoEAdapter, plan: ExportPlan) -> None:
     """Read the new config back as transformers will (no remote code) and check the expert counts it implies."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers' auto classes take ~1.7 s to import
 
     cfg = AutoConfig.from_pretrained(str(tmp))
     got = MoEAdapter(cfg)

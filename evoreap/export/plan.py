@@ -1,24 +1,21 @@
 """The export plan: what happens to every source tensor (copy, take some experts' rows, renumber, drop).
 
-Architecture knowledge comes from the adapter's :class:`~evoreap.adapters.ArchSpec` (``disk_block``, ``router_attr``,
-``experts_attr``); the plan handles both on-disk expert layouts and writes the one the source has:
+Which tensors are routers and experts comes from :class:`~evoreap.checkpoint.layout.KeyLayout` (the architecture's
+checkpoint key layout); the plan handles both on-disk expert layouts and writes the one the source has:
 
-* per-expert keys ``...layers.{i}.{block}.experts.{e}.<anything>`` (Qwen/OLMoE/DeepSeek/GLM, Mixtral's legacy
-  ``w1/w2/w3``; quantisation scales too): kept experts are renumbered ``0..k-1`` in kept order, the others dropped;
-* fused keys ``...layers.{i}.{block}.experts.<name>`` with the experts on dim 0 (GPT-OSS, transformers 5 fused
-  saves): the kept rows are taken;
-* router tensors ``...{block}.{router}.<name>`` with the experts on dim 0 (``weight``, ``bias``,
-  ``e_score_correction_bias``): the kept rows are taken.
+* per-expert tensors: kept experts are renumbered ``0..k-1`` in kept order, the others dropped;
+* fused expert tensors (experts on dim 0): the kept rows are taken;
+* router tensors (experts on dim 0): the kept rows are taken.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from evoreap.adapters import MoEAdapter
-from evoreap.errors import EvoreapError
-from evoreap.export.reader import CheckpointIndex, TensorInfo
+from evoreap.checkpoint.layout import KeyLayout
+from evoreap.checkpoint.reader import CheckpointIndex, TensorInfo
+from evoreap.errors import EvoreapError, UsageError
 
 COPY, SLICE, RENUMBER = "copy", "slice", "renumber"
 
@@ -76,8 +73,6 @@ class ExportPlan:
 
 def check_kept(adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict[int, tuple[int, ...]]:
     """Validate ``kept`` (layer -> original indices) against the model; returns every MoE layer's kept tuple."""
-    from evoreap.errors import UsageError
-
     e, moe = adapter.num_experts, adapter.moe_layer_indices
     unknown = sorted(set(kept) - set(moe))
     if unknown:
@@ -100,42 +95,34 @@ def check_kept(adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict[int, tup
     return out
 
 
-def _patterns(adapter: MoEAdapter) -> re.Pattern:
-    spec = adapter.spec
-    blocks = "|".join(re.escape(b) for b in dict.fromkeys((spec.disk_block, "mlp")))
-    return re.compile(rf"^(?P<pre>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<block>{blocks})\."
-                      rf"(?P<part>{re.escape(spec.router_attr)}|{re.escape(spec.experts_attr)})\.(?P<rest>.+)$")
-
-
 def build_plan(index: CheckpointIndex, adapter: MoEAdapter, kept: dict[int, list[int]]) -> ExportPlan:
     """Map every tensor of ``index`` to its fate; raises if a pruned layer's router or experts are not found."""
     kept_t = check_kept(adapter, kept)
     e = adapter.num_experts
     pruned = {layer: k for layer, k in kept_t.items() if len(k) < e}
     new_index = {layer: {old: new for new, old in enumerate(k)} for layer, k in pruned.items()}
-    pat = _patterns(adapter)
-    per_expert = re.compile(r"^(?P<e>\d+)\.(?P<tail>.+)$")
+    layout = KeyLayout.of(adapter)
     tensors: list[TensorPlan] = []
     dropped: list[TensorInfo] = []
     found_router: set[int] = set()
     found_experts: dict[int, set[int] | None] = {}  # layer -> per-expert indices seen, None for fused
     for t in index:
-        m = pat.match(t.name)
-        layer = int(m["layer"]) if m else -1
+        key = layout.parse(t.name)
+        layer = key.layer if key else -1
         if layer not in pruned:
             tensors.append(TensorPlan(t.name, t, COPY, t.shape, ((t.start, t.nbytes),)))
             continue
         rows = list(pruned[layer])
-        if m["part"] == adapter.spec.router_attr:
+        if key.is_router:
             if not t.shape or t.shape[0] != e:
                 raise EvoreapError(f"{t.name} has shape {list(t.shape)}, expected {e} experts on dim 0; the "
                                    "checkpoint does not match its config")
             found_router.add(layer)
             tensors.append(TensorPlan(t.name, t, SLICE, (len(rows), *t.shape[1:]), tuple(t.row_ranges(rows))))
             continue
-        pe = per_expert.match(m["rest"])
-        if pe:
-            old = int(pe["e"])
+        per_expert = key.expert()
+        if per_expert:
+            old = per_expert[0]
             if old >= e:
                 raise EvoreapError(f"{t.name} names expert {old} but the config has {e} experts")
             seen = found_experts.setdefault(layer, set())
@@ -143,8 +130,8 @@ def build_plan(index: CheckpointIndex, adapter: MoEAdapter, kept: dict[int, list
                 raise EvoreapError(f"layer {layer} stores experts both fused and per expert ({t.name})")
             seen.add(old)
             if old in new_index[layer]:
-                name = f"{m['pre']}.{layer}.{m['block']}.{m['part']}.{new_index[layer][old]}.{pe['tail']}"
-                tensors.append(TensorPlan(name, t, RENUMBER, t.shape, ((t.start, t.nbytes),)))
+                tensors.append(TensorPlan(key.renumbered(new_index[layer][old]), t, RENUMBER, t.shape,
+                                          ((t.start, t.nbytes),)))
             else:
                 dropped.append(t)
             continue
@@ -155,28 +142,15 @@ def build_plan(index: CheckpointIndex, adapter: MoEAdapter, kept: dict[int, list
             raise EvoreapError(f"layer {layer} stores experts both fused and per expert ({t.name})")
         tensors.append(TensorPlan(t.name, t, SLICE, (len(rows), *t.shape[1:]), tuple(t.row_ranges(rows))))
     for layer in pruned:
-        where = f"layers.{layer}.{adapter.spec.disk_block}"
         if layer not in found_router:
             raise EvoreapError(f"no router weight found for MoE layer {layer} (looked for "
-                               f"{where}.{adapter.spec.router_attr}.*); is the checkpoint the architecture its "
-                               "config.json names?")
+                               f"{layout.where(layer, adapter.spec.router_attr)}); is the checkpoint the "
+                               "architecture its config.json names?")
         if layer not in found_experts:
             raise EvoreapError(f"no expert weights found for MoE layer {layer} (looked for "
-                               f"{where}.{adapter.spec.experts_attr}.*)")
+                               f"{layout.where(layer, adapter.spec.experts_attr)})")
         seen = found_experts[layer]
         if seen is not None and seen != set(range(e)):
             missing = sorted(set(range(e)) - seen)
             raise EvoreapError(f"layer {layer}: the checkpoint lacks experts {missing[:8]}; it is incomplete")
     return ExportPlan(tuple(tensors), tuple(dropped), e, kept_t)
-
-
-def router_tensor_infos(index: CheckpointIndex, adapter: MoEAdapter) -> dict[str, TensorInfo]:
-    """The checkpoint's router tensors under the observation store's canonical names ``"<layer>.<name>"``."""
-    pat = _patterns(adapter)
-    moe = set(adapter.moe_layer_indices)
-    out = {}
-    for t in index:
-        m = pat.match(t.name)
-        if m and m["part"] == adapter.spec.router_attr and int(m["layer"]) in moe and "." not in m["rest"]:
-            out[f"{int(m['layer'])}.{m['rest']}"] = t
-    return out

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from evoreap.checkpoint.reader import INDEX_NAME, copy_ranges
 from evoreap.export.plan import TensorPlan
-from evoreap.export.reader import INDEX_NAME, copy_ranges
 
 SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9

@@ -6,8 +6,9 @@ The model is built on the meta device (no memory). For a chunk of calibration ba
    that records the arguments the decoder hands it (attention mask of its type, rotary embeddings, positions), so
    one cheap decoder pass per batch yields layer 0's input and each layer's own arguments;
 2. each decoder layer in turn is read from the safetensors shards (evoreap's one checkpoint reader,
-   :class:`~evoreap.export.reader.CheckpointIndex`: validated headers, plain reads; per-expert checkpoint tensors
-   such as ``mlp.experts.N.gate_proj.weight`` are fused into the 3-D layout, as transformers' loader does), run on
+   :class:`~evoreap.checkpoint.CheckpointIndex`: validated headers, plain reads; the checkpoint names come from the
+   key layout, :class:`~evoreap.checkpoint.KeyLayout`, and per-expert checkpoint tensors such as
+   ``mlp.experts.N.gate_proj.weight`` are fused into the 3-D layout, as transformers' loader does), run on
    every batch of the chunk -- MoE layers through the same recorder as in-memory observation -- and freed; the
    hidden states between layers stay in memory, or in a temporary directory of safetensors files when larger than
    ``max_hidden_bytes``.
@@ -21,16 +22,26 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from evoreap import preflight
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint.layout import ROUTER_TENSORS, KeyLayout, router_key, split_router_key
+from evoreap.checkpoint.reader import INDEX_NAME, CheckpointIndex, read_tensor
+from evoreap.data import load_tokens
 from evoreap.errors import EvoreapError, UsageError
+from evoreap.fingerprint import checkpoint_fingerprint
+from evoreap.models import LoadedModel, load_config, load_tokenizer, parse_dtype, resolve_model
 from evoreap.observe.recorder import Recorder, recording
 from evoreap.observe.stats import ExpertStats
+from evoreap.observe.store import model_info, observe_cached
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +50,6 @@ class CheckpointReader:
     """Tensors of a local safetensors checkpoint (single file or sharded with an index), read lazily by name."""
 
     def __init__(self, path: str | Path):
-        from evoreap.export.reader import INDEX_NAME, CheckpointIndex
-
         self.path = Path(path)
         if not (self.path / INDEX_NAME).is_file() and not any(self.path.glob("*.safetensors")):
             raise UsageError(f"{self.path} has no safetensors files; --offload reads weights from local "
@@ -56,8 +65,6 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read with plain reads (no memory map stays behind)."""
-        from evoreap.export.reader import read_tensor
-
         return read_tensor(self.index.tensors[name])
 
     def close(self) -> None:
@@ -65,60 +72,48 @@ class CheckpointReader:
 
 
 class LayerLoader:
-    """Maps a module's parameter names to checkpoint tensors (fusing per-expert tensors) and materialises it."""
+    """Maps a module's parameter names to checkpoint tensors (through the architecture's key layout, fusing
+    per-expert tensors) and materialises it."""
 
     def __init__(self, reader: CheckpointReader, adapter: MoEAdapter, decoder_prefix: str):
         self.reader, self.adapter, self.prefix = reader, adapter, decoder_prefix
-        self.spec = adapter.spec
+        self.layout = KeyLayout.of(adapter)
 
-    def _candidates(self, full: str) -> list[str]:
-        out = [full]
-        block = f".{self.spec.disk_block}."
-        if self.spec.disk_block != "mlp" and ".mlp." in full:
-            out.append(full.replace(".mlp.", block, 1))
-        return out
+    def _stored(self, name: str) -> str | None:
+        """The checkpoint name holding model-side name ``name``, None when the checkpoint has none."""
+        return next((c for c in self.layout.candidates(name) if c in self.reader), None)
 
     def tensor(self, full: str, like: torch.Tensor) -> torch.Tensor:
         """The checkpoint tensor for model parameter ``full`` (e.g. ``model.layers.3.mlp.experts.down_proj``)."""
-        for name in self._candidates(full):
-            if name in self.reader:
-                return self._fit(full, self.reader.get(name), like)
-        head, _, leaf = full.rpartition(".")
-        if leaf in ("gate_up_proj", "down_proj") and head.endswith(f".{self.spec.experts_attr}") and \
-                self.spec.disk_expert_names:
-            gate, up, down = self.spec.disk_expert_names
-            e = like.shape[0]
-            try:
-                if leaf == "gate_up_proj":
-                    parts = [torch.cat([self._get(head, i, gate), self._get(head, i, up)], dim=0) for i in range(e)]
-                else:
-                    parts = [self._get(head, i, down) for i in range(e)]
-            except KeyError as missing:
-                raise EvoreapError(f"checkpoint {self.reader.path} has no tensor {missing} for {full}; is it "
-                                   "complete and does it match config.json?") from None
-            return self._fit(full, torch.stack(parts), like)
+        stored = self._stored(full)
+        if stored is not None:
+            return self._fit(full, self.reader.get(stored), like)
+        per_expert = self.layout.per_expert_parts(full, like.shape[0]) if like.dim() else None
+        if per_expert is not None:
+            rows = []
+            for names in per_expert:
+                parts = []
+                for name in names:
+                    stored = self._stored(name)
+                    if stored is None:
+                        raise EvoreapError(f"checkpoint {self.reader.path} has no tensor {name!r} for {full}; is "
+                                           "it complete and does it match config.json?")
+                    parts.append(self.reader.get(stored))
+                rows.append(torch.cat(parts, dim=0))
+            return self._fit(full, torch.stack(rows), like)
         raise EvoreapError(f"checkpoint {self.reader.path} has no tensor for {full} (looked for "
-                           f"{', '.join(self._candidates(full))}); is it complete and does it match config.json?")
+                           f"{', '.join(self.layout.candidates(full))}); is it complete and does it match "
+                           "config.json?")
 
     def sources(self, full: str, like: torch.Tensor) -> list[str]:
         """The checkpoint tensors :meth:`tensor` reads for model parameter ``full`` (names only, nothing is read)."""
-        for name in self._candidates(full):
-            if name in self.reader:
-                return [name]
-        head, _, leaf = full.rpartition(".")
-        if leaf in ("gate_up_proj", "down_proj") and head.endswith(f".{self.spec.experts_attr}") and \
-                self.spec.disk_expert_names and like.dim():
-            gate, up, down = self.spec.disk_expert_names
-            parts = [f"{head}.{i}.{p}" for i in range(like.shape[0])
-                     for p in ((gate, up) if leaf == "gate_up_proj" else (down,))]
-            return [c for part in parts for c in self._candidates(part) if c in self.reader]
-        return []
-
-    def _get(self, experts_name: str, i: int, leaf: str) -> torch.Tensor:
-        for cand in self._candidates(f"{experts_name}.{i}.{leaf}"):
-            if cand in self.reader:
-                return self.reader.get(cand)
-        raise KeyError(f"{experts_name}.{i}.{leaf}")
+        stored = self._stored(full)
+        if stored is not None:
+            return [stored]
+        per_expert = self.layout.per_expert_parts(full, like.shape[0]) if like.dim() else None
+        if per_expert is None:
+            return []
+        return [c for names in per_expert for name in names for c in self.layout.candidates(name) if c in self.reader]
 
     @staticmethod
     def _fit(full: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -133,12 +128,10 @@ class LayerLoader:
     def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
         """Load ``module``'s parameters and persistent buffers (named ``prefix + name`` in the model) onto
         ``device``."""
-        from evoreap.preflight import check_finite
-
         state = {name: self.tensor(prefix + name, like).to(device)
                  for name, like in module.state_dict(keep_vars=True).items()}
         self.reader.close()
-        check_finite(((prefix + name, t) for name, t in state.items()), str(self.reader.path))
+        preflight.check_finite(((prefix + name, t) for name, t in state.items()), str(self.reader.path))
         module.load_state_dict(state, strict=True, assign=True)
         left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if left:
@@ -177,15 +170,11 @@ class _HiddenStore:
         if self.dir is None:
             self.mem[b] = t
         else:
-            from safetensors.torch import save_file
-
             save_file({"h": t.detach().cpu().contiguous()}, os.path.join(self.dir.name, f"{b}.safetensors"))
 
     def get(self, b: int, device: torch.device) -> torch.Tensor:
         if self.dir is None:
             return self.mem[b]
-        from safetensors.torch import load_file
-
         return load_file(os.path.join(self.dir.name, f"{b}.safetensors"))["h"].to(device)
 
     def close(self) -> None:
@@ -199,7 +188,7 @@ class SequentialModel:
 
     def __init__(self, path: str, config: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  max_hidden_bytes: int = 2 << 30):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # lazy: transformers' auto classes take ~1.7 s to import
 
         self.path, self.device, self.max_hidden_bytes = path, torch.device(device), max_hidden_bytes
         self.adapter = MoEAdapter(config)
@@ -216,19 +205,17 @@ class SequentialModel:
     def router_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for layer in self.adapter.layers(self.model):
-            for name in ("weight", "bias", "e_score_correction_bias"):
+            for name in ROUTER_TENSORS:
                 like = getattr(layer.router, name, None)
                 if isinstance(like, torch.Tensor):
-                    full = f"{self.prefix}layers.{layer.index}.mlp.{self.adapter.spec.router_attr}.{name}"
-                    out[f"{layer.index}.{name}"] = self.loader.tensor(full, like)
+                    full = self.loader.layout.router_param(self.prefix, layer.index, name)
+                    out[router_key(layer.index, name)] = self.loader.tensor(full, like)
         return out
 
     def unused_tensors(self) -> list[str]:
         """Checkpoint tensors that no parameter or buffer of the model is read from, less those transformers itself
         ignores on loading (the model class's ``_keys_to_ignore_on_load_unexpected``, e.g. DeepSeek-V3's MTP layer,
         and old checkpoints' rotary ``inv_freq`` and ``position_ids``)."""
-        import re
-
         used: set[str] = set()
         for full, like in self.model.state_dict(keep_vars=True).items():
             used.update(self.loader.sources(full, like))
@@ -258,8 +245,6 @@ class SequentialModel:
                 stop_batch: int | None = None, progress: bool = True) -> ExpertStats:
         """Observe batches ``[start_batch, stop_batch)`` of ``data`` layer by layer (same contract as
         :func:`evoreap.observe.observe`)."""
-        from tqdm.auto import tqdm
-
         n_batches = -(-len(data) // batch_size)
         stop = n_batches if stop_batch is None else min(stop_batch, n_batches)
         batches = list(range(start_batch, stop))
@@ -329,10 +314,6 @@ def describe_checkpoint(model: str | None, *, dtype: str = "float32", device: st
     """A local checkpoint's observation identity (:func:`~evoreap.observe.store.model_info`, equal to that of the
     model loaded in ``dtype``) from its config, tokenizer and router tensors alone; with the meta-device model and
     the tokenizer, for observing it layer by layer."""
-    from evoreap.fingerprint import checkpoint_fingerprint
-    from evoreap.models import load_config, load_tokenizer, parse_dtype, resolve_model
-    from evoreap.observe.store import model_info
-
     path = resolve_model(model)
     if not Path(path).is_dir():
         raise UsageError(f"--offload reads local safetensors files; {path} is not a local directory (download it "
@@ -342,13 +323,11 @@ def describe_checkpoint(model: str | None, *, dtype: str = "float32", device: st
     seq = SequentialModel(path, config, dtype=parse_dtype(dtype), device=device, max_hidden_bytes=max_hidden_bytes)
     # preflight before any observing: a real tokenizer, every stored tensor used, finite routers (each layer's other
     # weights are checked as the layer is read)
-    from evoreap import preflight
-
     preflight.check_tokenizer(tokenizer, getattr(seq.adapter.config, "vocab_size", None), path)
     preflight.check_unused(seq.unused_tensors(), path, seq.adapter.config)
     routers = seq.router_tensors()
-    router = f"{seq.prefix}layers.{{}}.mlp.{seq.adapter.spec.router_attr}.{{}}"
-    preflight.check_finite(((router.format(*k.split(".", 1)), t) for k, t in routers.items()), path)
+    preflight.check_finite(((seq.loader.layout.router_param(seq.prefix, *split_router_key(k)), t)
+                            for k, t in routers.items()), path)
     return seq, tokenizer, model_info(path, seq.adapter, routers, tokenizer, parse_dtype(dtype),
                                       checkpoint_fingerprint(path, cache_dir))
 
@@ -361,10 +340,6 @@ def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = 
                              ) -> tuple[str, ExpertStats]:
     """``evoreap observe --offload``: like :func:`evoreap.observe.store.observe_cached`, without ever holding more
     than one decoder layer. The cache key equals the in-memory one, so either mode reuses the other's result."""
-    from evoreap.data import load_tokens
-    from evoreap.models import LoadedModel
-    from evoreap.observe.store import observe_cached
-
     seq, tokenizer, info = describe_checkpoint(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                                max_hidden_bytes=max_hidden_bytes, cache_dir=cache_dir)
     path = info["path"]

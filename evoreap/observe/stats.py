@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from evoreap.errors import UsageError
+
 # Per-expert fields, all float64 ``[E]`` (``domain_count`` is ``[D, E]``).
 SUM_FIELDS = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "prob_mass")
 MAX_FIELDS = ("max_norm",)
@@ -105,12 +107,13 @@ class ExpertStats:
         """Statistics of both token sets together: sums add, maxima take the max (exact for counts; the float64
         sums are the same additions an observation of the concatenation would do)."""
         if self.layers != other.layers:
-            raise ValueError(f"cannot merge statistics of different layers: {self.layers} vs {other.layers}")
+            raise UsageError(f"cannot merge statistics of different layers: {self.layers} vs {other.layers}")
         if self.domains != other.domains:
-            raise ValueError(f"cannot merge statistics of different domains: {self.domains} vs {other.domains}")
+            raise UsageError(f"cannot merge statistics of different domains: {self.domains} vs {other.domains}")
         for i in self.layers:
             if self.count[i].shape != other.count[i].shape:
-                raise ValueError(f"layer {i}: {self.count[i].numel()} vs {other.count[i].numel()} experts")
+                raise UsageError(f"cannot merge statistics of different models: layer {i} has "
+                                 f"{self.count[i].numel()} vs {other.count[i].numel()} experts")
         out = {f: {i: getattr(self, f)[i] + getattr(other, f)[i] for i in self.layers}
                for f in SUM_FIELDS + ("domain_count",)}
         out["max_norm"] = {i: torch.maximum(self.max_norm[i], other.max_norm[i]) for i in self.layers}

@@ -28,10 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from evoreap import __version__
+from evoreap.checkpoint.layout import ROUTER_TENSORS, router_key
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.files import sha256_file, sha256_json, write_json_atomic
+from evoreap.files import cache_root, sha256_file, sha256_json, write_json_atomic
+from evoreap.fingerprint import weights_fingerprint
+from evoreap.observe.recorder import observe
 from evoreap.observe.stats import FIELDS, ExpertStats
 
 log = logging.getLogger(__name__)
@@ -68,10 +74,10 @@ def router_tensors(model: torch.nn.Module, adapter) -> dict[str, torch.Tensor]:
     """Every router weight, bias and ``e_score_correction_bias`` of a resident model, by canonical name."""
     out = {}
     for layer in adapter.layers(model):
-        for name in ("weight", "bias", "e_score_correction_bias"):
+        for name in ROUTER_TENSORS:
             t = getattr(layer.router, name, None)
             if isinstance(t, torch.Tensor):
-                out[f"{layer.index}.{name}"] = t
+                out[router_key(layer.index, name)] = t
     return out
 
 
@@ -145,13 +151,6 @@ def observation_key(model_sha256: str, data_fingerprint: dict[str, str], seq_len
                          "seq_len": seq_len, "settings": settings})
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("EVOREAP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoreap"
-
-
 def observations_dir(cache_dir: str | Path | None = None) -> Path:
     return cache_root(cache_dir) / "observations"
 
@@ -159,8 +158,6 @@ def observations_dir(cache_dir: str | Path | None = None) -> Path:
 # -- writing ---------------------------------------------------------------------------------------------------------
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
                              ) -> str:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     digest = sha256_file(tmp)
@@ -302,8 +299,6 @@ def load_observation(key_or_dir: str | Path, *, cache_dir: str | Path | None = N
     file's contents (its layer, every field's dtype and shape, one expert count throughout, finite values) and,
     if given, that it was made for the model whose fingerprint ``sha256`` is ``expect_model_fingerprint`` and
     whose MoE layers have ``expect_experts`` (layer index -> number of experts) experts."""
-    from safetensors import SafetensorError, safe_open
-
     directory = _resolve(key_or_dir, cache_dir)
     mpath = directory / MANIFEST
     again = f"delete {directory} and observe again"
@@ -374,8 +369,6 @@ def load_observation(key_or_dir: str | Path, *, cache_dir: str | Path | None = N
 def _read_progress(partial: Path, expect: dict[str, Any], domains: tuple[str, ...]
                    ) -> tuple[int, ExpertStats] | None:
     """The last consistent checkpoint of an interrupted run, or None (anything unreadable is discarded)."""
-    from safetensors.torch import load_file
-
     try:
         progress = json.loads((partial / PROGRESS).read_text())
         if {k: progress.get(k) for k in expect} != expect:
@@ -410,8 +403,6 @@ def model_info(path: str | Path, adapter, routers: dict[str, torch.Tensor], toke
 def describe_model(loaded, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """:func:`model_info` of a resident :class:`~evoreap.models.LoadedModel` (``cache_dir``: where the content
     hashes of its checkpoint files are cached)."""
-    from evoreap.fingerprint import weights_fingerprint
-
     return model_info(loaded.path, loaded.adapter, router_tensors(loaded.model, loaded.adapter), loaded.tokenizer,
                       next(loaded.model.parameters()).dtype, weights_fingerprint(loaded.model, cache_dir))
 
@@ -441,8 +432,6 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
     ``runner(initial, start_batch, stop_batch) -> ExpertStats`` replaces the in-memory observer (sequential mode);
     ``model_info`` then supplies the model's identity (see :func:`describe_model`).
     """
-    from evoreap.observe.recorder import observe
-
     info = model_info if model_info is not None else describe_model(loaded, cache_dir)
     experts = {layer.index: layer.num_experts for layer in loaded.adapter.layers(loaded.model)}
     settings = {"dtype": info["dtype"], "batch_size": batch_size}
@@ -474,8 +463,6 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
             return observe(loaded.model, loaded.adapter, data, batch_size=batch_size, progress=False,
                            initial=initial, start_batch=lo, stop_batch=hi)
     step = max(1, checkpoint_every)
-    from tqdm.auto import tqdm
-
     with tqdm(total=n_batches, initial=start, disable=not progress, desc="observe", unit="batch") as bar:
         while start < n_batches:
             stop = min(n_batches, start + step)

@@ -43,7 +43,7 @@ class ProxyInputs:
         """Reference and candidate on the reference's (K+1)-bucket partition: ``(log p [B,T,K], log p_tail [B,T],
         log q [B,T,K], log q_tail [B,T])``; computed once per chunk and shared by kl and esap."""
         if self.ref is None:
-            raise ValueError("this proxy needs reference distributions")
+            raise UsageError("this proxy reads reference distributions: register it with needs_reference=True")
         ids = self.ref["topk_ids"].long()
         q = self.logprobs.gather(-1, ids)
         return self.ref["topk_logprobs"].float(), self.ref["tail_logmass"].float(), q, tail_logmass(self.logprobs, ids)

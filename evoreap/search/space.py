@@ -13,6 +13,7 @@ Group-limited routers (``n_group`` > 1) add their own divisibility: ``step`` is 
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import random
 from dataclasses import dataclass, fields
@@ -24,7 +25,20 @@ import yaml
 from evoreap.adapters import MoEAdapter
 from evoreap.errors import UsageError
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+
+def _shipped_spaces_dir() -> Path:
+    """The shipped search spaces: ``evoreap/search_spaces/`` in an installed wheel (setup.py maps the repository's
+    ``search_spaces/`` there), else the repository's own ``search_spaces/`` (source checkout, editable install)."""
+    try:
+        installed = Path(str(importlib.resources.files("evoreap") / "search_spaces"))
+    except (ImportError, TypeError):  # pragma: no cover - evoreap without a file-system location
+        installed = None
+    if installed is not None and installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+SPACES_DIR = _shipped_spaces_dir()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from evoreap.errors import UsageError
+from evoreap.files import real
 
 OWNER_ATTR = "evoreap:owner"
 BEAT_ATTR = "evoreap:beat"
@@ -143,8 +144,6 @@ def check_storage(url: str) -> StorageSpec:
 
 
 def _check_storage_file(path: Path, url: str, example: str) -> None:
-    from evoreap.files import real
-
     if path.is_symlink() and not path.exists():
         raise UsageError(f"storage file {path} is a dangling symlink (to {os.readlink(path)}); pass a real path")
     if path.is_dir():

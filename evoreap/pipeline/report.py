@@ -201,7 +201,7 @@ def write_report(run: str | Path, artifacts: bool = False, storage: str | None =
     best = _read(run, "best_allocation.json", "layers")
     config = _read(run, "config.json", "config")
     env = _read(run, "environment.json")
-    from evoreap.search.run import writable
+    from evoreap.pipeline.rundir import writable
 
     if not writable(run):
         raise UsageError(f"cannot write the pictures and report.md into {run}: it is not writable; make it writable "

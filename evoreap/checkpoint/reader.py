@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import real
 
@@ -323,10 +325,8 @@ _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "
                  "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 
 
-def read_tensor(info: TensorInfo):
+def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One (small) tensor read into memory, e.g. a router weight; export itself never calls this."""
-    import torch
-
     name = _TORCH_DTYPES.get(info.dtype)
     if name is None or not hasattr(torch, name):
         raise EvoreapError(f"{info.name}: cannot read dtype {info.dtype} into a tensor")

@@ -1,4 +1,6 @@
-"""Read the bundled demo corpus: ``data/<domain>/<split>.jsonl.xz`` (built by ``evoreap.demo.build_corpus``)."""
+"""Read the bundled demo corpus: ``evoreap/demo/data/<domain>/<split>.jsonl.xz`` (built by
+``evoreap.demo.build_corpus``): the data behind the ``--data`` names ``code``, ``drama``, ``tools``, ``math``, ``demo``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import json
 import lzma
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+from evoreap.errors import UsageError
+
+DATA_DIR = Path(__file__).parents[1] / "demo" / "data"
 DOMAINS = ("code", "drama", "tools", "math")
 SPLITS = ("train", "calibration", "search", "heldout")
 
@@ -18,7 +22,7 @@ def corpus_path(domain: str, split: str) -> Path:
 def load_documents(domain: str, split: str) -> list[dict]:
     """Every document of one domain and split as ``{"id": ..., "text": ...}``."""
     if domain not in DOMAINS or split not in SPLITS:
-        raise ValueError(f"unknown demo data {domain}:{split}; domains are {', '.join(DOMAINS)}, "
+        raise UsageError(f"unknown demo data {domain}:{split}; domains are {', '.join(DOMAINS)}, "
                          f"splits {', '.join(SPLITS)}")
     with lzma.open(corpus_path(domain, split), "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

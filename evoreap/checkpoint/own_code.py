@@ -1,7 +1,8 @@
 """evoreap's own modeling code for non-uniform exports: written into the export for other tools, never run from it.
 
-A non-uniform export carries ``modeling_evoreap.py`` (rendered from :mod:`evoreap.export.modeling_template`) and an
-``auto_map`` naming it, so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works anywhere.
+A non-uniform export carries ``modeling_evoreap.py`` (rendered from :mod:`evoreap.checkpoint.modeling_template`)
+and an ``auto_map`` naming it, so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works
+anywhere.
 evoreap itself never loads code from a model directory: it renders the same template in-process and builds the class
 from that text (:func:`own_model_class`), then loads the weights with ``trust_remote_code=False``. Whatever else a
 directory holds (an edited ``modeling_evoreap.py``, a ``custom_generate/`` folder, a tokenizer ``auto_map``) is
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evoreap.adapters import MoEAdapter
+from evoreap.errors import EvoreapError
 
 COUNTS_KEY = "evoreap_experts_per_layer"
 MODELING_FILE = "modeling_evoreap.py"
@@ -38,7 +40,8 @@ def _render(model_type: str, router_attr: str, experts_attr: str) -> str:
         text, n = re.subn(rf'^{name} = "[^"\n]*"  # evoreap: set at export$', f"{name} = {json.dumps(value)}",
                           text, flags=re.M)
         if n != 1:
-            raise RuntimeError(f"modeling template has {n} lines setting {name}; expected one")
+            raise EvoreapError(f"evoreap's modeling template has {n} lines setting {name}, expected one; the "
+                               "installation is damaged: reinstall evoreap")
     return text
 
 

@@ -1,0 +1,127 @@
+"""Evaluate a pruned model (a masked allocation or an exported directory) against the unpruned one on held-out text.
+
+The contamination guard runs first: an allocation fitted to some data (its ``meta.calibration_data`` and
+``meta.search_data``) is not judged on the same documents unless overlap is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evoreap.allocation import Allocation, meta_text, read_json
+from evoreap.data import load_tokens
+from evoreap.data.guard import check_overlap
+from evoreap.data.loader import check_seq_len
+from evoreap.errors import UsageError
+from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
+from evoreap.masking import masked
+from evoreap.models import LoadedModel, load_config, load_model
+from evoreap.pipeline.choose import choose_experts
+from evoreap.reference import reference_cached
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Held-out metrics (``results[name]["overall" | "per_domain"]``: nll, ppl, kl, esap, top1) of the unpruned
+    and the pruned model, greedy generations per domain, and lm-eval results when asked for."""
+
+    model: str
+    data: str
+    tokens: int
+    results: dict[str, Any]
+    generations: dict[str, Any] = field(default_factory=dict)
+    lm_eval: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"model": self.model, "data": self.data, "tokens": self.tokens, "results": self.results,
+               "generations": self.generations}
+        if self.lm_eval is not None:
+            out["lm_eval"] = self.lm_eval
+        return out
+
+
+def pruning_meta(allocation: Allocation | None, pruned: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The meta that names the model and the data the pruning was fitted to, and where it was read."""
+    if allocation is not None:
+        return allocation.meta, allocation.source or "allocation"
+    info = Path(pruned) / "evoreap.json"
+    if not info.is_file():
+        raise UsageError(f"{pruned} has no evoreap.json; pass a directory written by evoreap export")
+    record = read_json(info, "export record")
+    meta = record.get("meta", record) if isinstance(record, dict) else None
+    if not isinstance(meta, dict):
+        raise UsageError(f"export record {info} is not a JSON object; export the model again")
+    return meta, f"export record {info}"
+
+
+def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation | None = None,
+                    pruned: str | Path | None = None, data: Any = "demo", tokens: int = 32768, seq_len: int = 256,
+                    batch_size: int = 8, reference_top_k: int = 64, criterion: str | None = None,
+                    observation: str | None = None, cache_dir: str | None = None, generate_tokens: int = 0,
+                    allow_overlap: bool = False, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                    trust_remote_code: bool = False, harness: Any = None) -> EvaluationResult:
+    """Score the unpruned model and the pruned one (``allocation`` under router masks, or the export in ``pruned``)
+    on ``data`` (split ``heldout``). ``harness`` is ``(settings, task manager)`` from :mod:`evoreap.harness`."""
+    if (allocation is None) == (pruned is None):
+        raise UsageError("evaluate one pruned model: give an allocation or an exported directory, not both")
+    meta, where = pruning_meta(allocation, pruned)
+    fitted = {role: (meta_text(meta, key, where), split) for role, key, split in
+              (("calibration", "calibration_data", "calibration"), ("search", "search_data", "search"))
+              if meta_text(meta, key, where)}
+    if fitted:
+        check_overlap({**fitted, "evaluation": (data, "heldout")}, allow=allow_overlap)
+        if harness and harness[0].uses_demo_tasks:
+            check_overlap({**fitted, "lm-eval demo task": ("demo", "heldout")}, allow=allow_overlap)
+    if not isinstance(model, LoadedModel):
+        model = model or meta_text(meta, "model", where)
+        check_seq_len(seq_len, load_config(model, trust_remote_code=trust_remote_code))  # before any weight
+        model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = model
+    if allocation is not None:  # a bad allocation fails before any reference is computed and cached
+        chosen = choose_experts(allocation, loaded.adapter, loaded, criterion=criterion, observation=observation,
+                                cache_dir=cache_dir)
+        masks = _masks(loaded, chosen.kept)
+        cand = Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
+    else:
+        other = load_model(str(pruned), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        cand = Candidate("pruned (exported)", other.model, other.adapter, exported=True)
+    tok = loaded.tokenizer
+    held = load_tokens(data, tok, split="heldout", seq_len=seq_len, tokens=tokens, seed=seed,
+                       model_config=loaded.adapter.config)
+    reference = reference_cached(loaded.model, held, top_k=reference_top_k, cache_dir=cache_dir,
+                                 batch_size=batch_size)
+    full = Candidate("unpruned", loaded.model, loaded.adapter)
+    rows = {c.name: as_row(score(c, held, reference, batch_size)) for c in (full, cand)}
+    gens = {}
+    if generate_tokens > 0:
+        for domain, prompt in prompts_for(held, tok).items():
+            gens[domain] = {"prompt": prompt, **{c.name: generate(c, tok, prompt, generate_tokens)
+                                                 for c in (full, cand)}}
+    lm = _lm_eval((full, cand), tok, *harness) if harness else None
+    spec = data if isinstance(data, str) else "dataset"
+    return EvaluationResult(str(loaded.path), spec, held.num_tokens, rows, gens, lm)
+
+
+def _masks(loaded: LoadedModel, kept: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+    e = loaded.adapter.num_experts
+    return {layer: torch.zeros(e, dtype=torch.bool).index_fill_(0, torch.tensor(idx, dtype=torch.long), True)
+            for layer, idx in kept.items() if len(idx) < e}
+
+
+def _lm_eval(candidates, tokenizer, settings, manager) -> dict:
+    """lm-eval metrics per task, for each candidate (a masked one under its masks)."""
+    from evoreap.harness import run_harness  # lm_eval: an optional extra
+
+    results = {}
+    for cand in candidates:
+        log.info("lm-eval %s on %s", ",".join(settings.tasks), cand.name)
+        with masked(cand.model, cand.adapter, cand.masks or {}):
+            results[cand.name] = run_harness(cand.model, tokenizer, settings, manager)
+    return results
