@@ -10,7 +10,9 @@ A criterion is a function ``fn(stats: LayerStats, min_count: int) -> Tensor[E]``
 
 A criterion may also accept a keyword ``seed`` (e.g. a random baseline). Packages can ship criteria through the
 Python entry-point group ``evoreap.criteria``: each entry point names such a function (registered under the entry
-point's name, described by its docstring's first line) or a module that registers its criteria on import.
+point's name, described by its docstring's first line) or a module that registers its criteria on import. A name
+is registered once: a second registration raises :class:`~evoreap.errors.RegistryError`, and a plugin whose name
+is taken (by a built-in or another plugin) is skipped with a warning.
 
 Two rules hold for every criterion, enforced by :func:`score_experts`:
 
@@ -25,16 +27,17 @@ output otherwise score highest (measured on tiny models, design/testbed.md §4.5
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 
-from evoreap.errors import UsageError
+from evoreap.errors import RegistryError, UsageError
 from evoreap.observe.stats import ExpertStats, LayerStats
+from evoreap.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -54,60 +57,63 @@ class Criterion:
     takes_seed: bool
 
 
-_REGISTRY: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("criterion", hint="evoreap observe --list-criteria describes them",
+                                        cutoff=0.5)
+_REGISTRY = CRITERIA  # the name tests and older code use
 _entry_points_loaded = False
 
 
 def register_criterion(name: str, description: str) -> Callable[[CriterionFn], CriterionFn]:
-    """Decorator: register ``fn(stats: LayerStats, min_count: int[, seed: int]) -> Tensor[E]`` (higher = keep)."""
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"criterion name {name!r} must be a non-empty word (letters, digits, _ or -)")
+    """Decorator: register ``fn(stats: LayerStats, min_count: int[, seed: int]) -> Tensor[E]`` (higher = keep).
+    A name that is taken or not a word raises :class:`~evoreap.errors.RegistryError`."""
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise RegistryError(f"criterion name {name!r} must be a non-empty word (letters, digits, _ or -)")
 
     def deco(fn: CriterionFn) -> CriterionFn:
-        old = _REGISTRY.get(name)
-        if old is not None and old.fn is not fn:
-            log.warning("criterion %r is registered again; the later one (%s) replaces %s", name,
-                        getattr(fn, "__module__", "?"), getattr(old.fn, "__module__", "?"))
         takes_seed = "seed" in inspect.signature(fn).parameters
-        _REGISTRY[name] = Criterion(name, description, fn, takes_seed)
+        CRITERIA.add(name, Criterion(name, description, fn, takes_seed))
         return fn
 
     return deco
 
 
 def _load_entry_points() -> None:
+    """Register the criteria of the ``evoreap.criteria`` entry points, once. A plugin that cannot be loaded, or
+    whose name is taken, is skipped with a warning: a plugin never breaks evoreap nor replaces a criterion."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            obj = ep.load()
+            obj = ep.load()  # a module that registers its criteria on import may collide here
+        except RegistryError as e:
+            log.warning("criterion plugin %s (%s) skipped: %s", ep.name, ep.value, e)
+            continue
         except Exception as e:  # a broken plugin must not break evoreap
             log.warning("cannot load criterion plugin %s (%s): %s", ep.name, ep.value, e)
             continue
-        if callable(obj) and ep.name not in _REGISTRY:
-            doc = (inspect.getdoc(obj) or f"from {ep.value}").splitlines()[0]
-            register_criterion(ep.name, doc)(obj)
+        if not callable(obj):
+            continue  # a module: it registered its criteria on import
+        taken = CRITERIA.find(ep.name)
+        if taken is not None:
+            if taken.fn is not obj:  # (its own module may have registered it under this name already)
+                log.warning("criterion plugin %s (%s) skipped: the name %r is taken by %s", ep.name, ep.value,
+                            ep.name, getattr(taken.fn, "__module__", "?"))
+            continue
+        doc = (inspect.getdoc(obj) or f"from {ep.value}").splitlines()[0]
+        register_criterion(ep.name, doc)(obj)
 
 
 def list_criteria() -> list[tuple[str, str]]:
     """``(name, description)`` of every registered criterion, built-ins first."""
     _load_entry_points()
-    return [(c.name, c.description) for c in _REGISTRY.values()]
+    return [(c.name, c.description) for c in CRITERIA.values()]
 
 
 def get_criterion(name: str) -> Criterion:
     _load_entry_points()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UsageError(f"unknown criterion {name!r}; {hint}known: {', '.join(_REGISTRY)} "
-                         "(evoreap observe --list-criteria describes them)") from None
+    return CRITERIA.get(name)
 
 
 def _trusted_mean(total: torch.Tensor, count: torch.Tensor, min_count: int) -> torch.Tensor:

@@ -32,3 +32,7 @@ class SettingError(UsageError):
 
 class UnsupportedModelError(EvoreapError):
     """The model is not a routed MoE evoreap knows."""
+
+
+class RegistryError(UsageError):
+    """A registration was refused: the name is taken (by a built-in or an earlier registration) or not a name."""

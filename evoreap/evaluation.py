@@ -12,16 +12,10 @@ import torch
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
 from evoreap.masking import masked
-from evoreap.proxies import ProxyInputs, ProxyResult, evaluate, register_proxy
+from evoreap.proxies import ProxyResult, evaluate
 from evoreap.reference import Reference
 
-METRICS = ("nll", "kl", "esap", "top1")
-
-
-@register_proxy("top1", higher_is_better=True, needs_reference=True, ideal=1.0)
-def top1(inputs: ProxyInputs) -> torch.Tensor:
-    """Top-1 agreement: the candidate's most likely next token is the unpruned model's."""
-    return (inputs.logprobs.argmax(-1) == inputs.ref["topk_ids"][..., 0].long()).float()
+METRICS = ("nll", "kl", "esap", "top1")  # proxies of evoreap.proxies.registry
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
@@ -289,8 +290,6 @@ def build_reference(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
         raise UsageError(f"batch size must be positive, got {batch_size}")
     if data.seq_len < 2:
         raise UsageError("sequences need at least 2 tokens to score a next-token prediction")
-    from tqdm.auto import tqdm
-
     n, positions = len(data), data.seq_len - 1
     topk_lp = torch.empty(n, positions, top_k, dtype=torch.float32)
     topk_ids = torch.empty(n, positions, top_k, dtype=torch.int32)
@@ -298,9 +297,10 @@ def build_reference(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
     target = torch.empty(n, positions, dtype=torch.float32)
     bar = tqdm(total=n, desc="reference", unit="seq", disable=not progress)
     with torch.inference_mode():
-        for row in range(0, n, batch_size):
-            ids, mask = data.input_ids[row:row + batch_size], data.attention_mask[row:row + batch_size]
+        row = 0
+        for ids, mask, _ in data.batches(batch_size):
             rows = slice(row, row + ids.shape[0])
+            row += ids.shape[0]
             targets = ids[:, 1:].to(model_device(model))
             for s, e, logp in next_token_logprobs(model, ids, mask):
                 values, index = torch.topk(logp, top_k, dim=-1)

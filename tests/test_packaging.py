@@ -92,8 +92,9 @@ def test_the_wheel_holds_the_search_spaces_and_the_demo(installed):
 
 def test_installed_package_is_the_wheel_and_finds_its_search_spaces(installed, tmp_path):
     python, _, site, env = installed
-    code = ("import evoreap, evoreap.search.space as s; print(evoreap.__file__); print(s.SPACES_DIR); "
-            "print(s.load_space_settings('default')); print(*sorted(p.stem for p in s.SPACES_DIR.glob('*.yaml')))")
+    code = ("import evoreap; from evoreap.search.space import SPACES_DIR, load_space_settings; "
+            "print(evoreap.__file__); print(SPACES_DIR); print(load_space_settings('default')); "
+            "print(*sorted(p.stem for p in SPACES_DIR.glob('*.yaml')))")
     lines = _run([python, "-c", code], cwd=tmp_path, env=env).stdout.splitlines()
     assert Path(lines[0]).resolve() == (site / "evoreap" / "__init__.py").resolve(), lines[0]
     assert Path(lines[1]).resolve() == (site / "evoreap" / "search_spaces").resolve(), lines[1]
@@ -112,8 +113,9 @@ def test_a_short_search_on_the_bundled_demo_runs_from_the_wheel(installed, tmp_p
     _, script, _, env = installed
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     t0 = time.perf_counter()
-    _run([script, "search", "--budget", "0.5", "--generations", "2", "--offspring", "2", "--population", "2",
-          "--fidelities", "256,512,1024", "--survivors", "2,1", "--calib-tokens", "2048", "--heldout-tokens", "1024",
-          "--seq-len", "64", "--no-plots", "--runs-dir", runs, "--cache-dir", cache], cwd=tmp_path, env=env)
+    tiny = ["--budget", "0.5", "--generations", "2", "--offspring", "2", "--population", "2", "--fidelities",
+            "128,256,512", "--survivors", "2,1", "--calib-tokens", "1024", "--heldout-tokens", "512", "--seq-len", "64"]
+    out = _run([script, "search", *tiny, "--no-plots", "--runs-dir", runs, "--cache-dir", cache], cwd=tmp_path, env=env)
     print(f"search from the wheel: {time.perf_counter() - t0:.1f} s")
     assert len(list(runs.glob("*/best_allocation.json"))) == 1, sorted(p.name for p in runs.rglob("*"))
+    assert str(ROOT / "evoreap") not in out.stdout + out.stderr  # the demo model and data came from the wheel

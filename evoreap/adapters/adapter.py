@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from evoreap.adapters import routing
-from evoreap.adapters.spec import BY_MODEL_TYPE, SPECS, ArchSpec
+from evoreap.adapters.spec import BY_MODEL_TYPE, ArchSpec, specs
 from evoreap.errors import EvoreapError, UnsupportedModelError, UsageError
 
 # Config keys that mean "this model has routed experts" in some family (used for the error message only).
@@ -37,10 +37,10 @@ def find_spec(config: Any) -> ArchSpec:
     """The spec for ``config`` or an :class:`UnsupportedModelError` that names what was not found."""
     config = text_config(config)
     model_type = getattr(config, "model_type", None)
-    spec = BY_MODEL_TYPE.get(model_type)
+    spec = BY_MODEL_TYPE.find(model_type)
     if spec is not None:
         return spec
-    supported = ", ".join(f"{s.name} ({'/'.join(s.model_types)})" for s in SPECS)
+    supported = ", ".join(f"{s.name} ({'/'.join(s.model_types)})" for s in specs())
     experts = {k: getattr(config, k) for k in _EXPERT_KEYS if getattr(config, k, None)}
     if experts:
         k, v = next(iter(experts.items()))

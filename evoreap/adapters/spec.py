@@ -1,13 +1,18 @@
 """Architecture specs: everything evoreap knows about one MoE family, as data.
 
 This module and :mod:`evoreap.adapters.routing` are the only places that know architectures. Adding a family that
-follows a known router kind and the transformers 5.x fused-experts layout means adding one :class:`ArchSpec` here.
+follows a known router kind and the transformers 5.x fused-experts layout means adding one :class:`ArchSpec` here
+(or calling :func:`register_architecture` with it). Specs are kept in :data:`BY_MODEL_TYPE`, a registry keyed by
+``config.model_type`` that refuses a model type registered twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from evoreap.errors import RegistryError
+from evoreap.registry import Registry
 
 # Router kinds (the maths lives in routing.py):
 #   softmax_topk  softmax over all experts -> top-k -> renormalise if `norm_topk_prob` (Qwen2/3-MoE, OLMoE, Mixtral)
@@ -74,6 +79,38 @@ class ArchSpec:
         return int(getattr(config, self.top_k_key))
 
 
+DENSE_RULES = ("none", "first_k_dense_replace", "sparse_step")
+
+BY_MODEL_TYPE: Registry[ArchSpec] = Registry("model type")
+
+
+def register_architecture(spec: ArchSpec) -> ArchSpec:
+    """Add ``spec`` under each of its model types; a model type already registered (or an unknown router kind or
+    dense rule) raises :class:`~evoreap.errors.RegistryError` and registers nothing."""
+    if not spec.model_types:
+        raise RegistryError(f"architecture {spec.name!r} names no model type")
+    if spec.router_kind not in ROUTER_KINDS:
+        raise RegistryError(f"architecture {spec.name!r}: unknown router kind {spec.router_kind!r}; use one of "
+                            f"{', '.join(ROUTER_KINDS)}")
+    if spec.dense_rule not in DENSE_RULES:
+        raise RegistryError(f"architecture {spec.name!r}: unknown dense rule {spec.dense_rule!r}; use one of "
+                            f"{', '.join(DENSE_RULES)}")
+    for t in spec.model_types:
+        taken = BY_MODEL_TYPE.find(t)
+        if taken is not None:
+            raise RegistryError(f"model type {t!r} is already registered (by {taken.name}); an architecture is "
+                                "registered once")
+    for t in spec.model_types:
+        BY_MODEL_TYPE.add(t, spec)
+    return spec
+
+
+def specs() -> tuple[ArchSpec, ...]:
+    """Every registered architecture, in registration order (the built-ins first)."""
+    return tuple(dict.fromkeys(BY_MODEL_TYPE.values()))
+
+
+# The built-in architectures, registered below.
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("Qwen3-MoE", ("qwen3_moe",), "softmax_topk", dense_rule="sparse_step"),
     ArchSpec("Qwen2-MoE", ("qwen2_moe",), "softmax_topk", shared_attrs=("shared_expert", "shared_expert_gate"),
@@ -90,4 +127,5 @@ SPECS: tuple[ArchSpec, ...] = (
              disk_expert_names=(), expert_bias=True),
 )
 
-BY_MODEL_TYPE: dict[str, ArchSpec] = {t: s for s in SPECS for t in s.model_types}
+for _spec in SPECS:
+    register_architecture(_spec)

@@ -55,10 +55,22 @@ class TokenData:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self), batch_size):
-            yield (self.input_ids[i:i + batch_size], self.attention_mask[i:i + batch_size],
-                   self.domain_ids[i:i + batch_size])
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of ``batch_size`` sequences (the last one may be shorter): ids, mask, domain ids."""
+        lo = index * batch_size
+        return self.input_ids[lo:lo + batch_size], self.attention_mask[lo:lo + batch_size], \
+            self.domain_ids[lo:lo + batch_size]
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches ``[start, stop)`` (all by default) in order, as :meth:`batch` gives them: every forward pass over
+        the data (observation, reference, benchmarks) batches it the same way."""
+        stop = self.num_batches(batch_size) if stop is None else min(stop, self.num_batches(batch_size))
+        for b in range(start, stop):
+            yield self.batch(b, batch_size)
 
     def subset(self, index: torch.Tensor | list[int]) -> TokenData:
         index = torch.as_tensor(index, dtype=torch.long)

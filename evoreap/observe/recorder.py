@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from evoreap.adapters import MoEAdapter, MoELayer
 from evoreap.adapters.routing import expert_forward
@@ -209,20 +210,17 @@ def observe(model: torch.nn.Module, adapter: MoEAdapter, data, *, batch_size: in
     and ``stop_batch`` continue an earlier partial observation (batches ``[start_batch, stop_batch)`` are added to
     ``initial``'s sums in the same order an uninterrupted run adds them, so the result is bit-identical).
     """
-    from tqdm.auto import tqdm
-
     if batch_size <= 0:
         raise EvoreapError(f"batch size must be positive, got {batch_size}")
     layers = adapter.layers(model)
     recorder = Recorder(adapter, layers, data.domains, initial=initial)
-    n_batches = -(-len(data) // batch_size)
+    n_batches = data.num_batches(batch_size)
     stop = n_batches if stop_batch is None else min(stop_batch, n_batches)
     device = input_device(model)
     decoder = model.get_decoder()  # the LM head is not needed: skip its [B, L, vocab] logits
     with torch.inference_mode(), recording(model, recorder, layers):
-        for b in tqdm(range(start_batch, stop), disable=not progress, desc="observe", unit="batch"):
-            lo = b * batch_size
-            ids, mask, dom = (t[lo:lo + batch_size] for t in (data.input_ids, data.attention_mask, data.domain_ids))
+        for ids, mask, dom in tqdm(data.batches(batch_size, start_batch, stop), total=max(0, stop - start_batch),
+                                   disable=not progress, desc="observe", unit="batch"):
             recorder.begin_batch(mask, dom)
             decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     return recorder.result()

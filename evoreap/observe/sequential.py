@@ -245,7 +245,7 @@ class SequentialModel:
                 stop_batch: int | None = None, progress: bool = True) -> ExpertStats:
         """Observe batches ``[start_batch, stop_batch)`` of ``data`` layer by layer (same contract as
         :func:`evoreap.observe.observe`)."""
-        n_batches = -(-len(data) // batch_size)
+        n_batches = data.num_batches(batch_size)
         stop = n_batches if stop_batch is None else min(stop_batch, n_batches)
         batches = list(range(start_batch, stop))
         moe = {layer.index: layer for layer in self.adapter.layers(self.model)}
@@ -260,11 +260,6 @@ class SequentialModel:
         layers = self.decoder.layers
         args_of: dict[int, dict[int, tuple]] = {}
 
-        def batch(b: int):
-            lo = b * batch_size
-            return (data.input_ids[lo:lo + batch_size], data.attention_mask[lo:lo + batch_size],
-                    data.domain_ids[lo:lo + batch_size])
-
         try:
             with torch.inference_mode():
                 # 1. embeddings and each layer's arguments
@@ -273,7 +268,7 @@ class SequentialModel:
                 self.decoder.layers = torch.nn.ModuleList(_Capture(i, layer, stubs) for i, layer in enumerate(layers))
                 try:
                     for b in batches:
-                        ids, mask, _ = batch(b)
+                        ids, mask, _ = data.batch(b, batch_size)
                         emb = {}
                         h = self.decoder.embed_tokens.register_forward_hook(
                             lambda m, a, out: emb.__setitem__("h", out))
@@ -296,7 +291,7 @@ class SequentialModel:
                         observed = [moe[i]] if i in moe else []
                         with recording(self.model, recorder, observed):
                             for b in batches:
-                                _, mask, dom = batch(b)
+                                _, mask, dom = data.batch(b, batch_size)
                                 recorder.begin_batch(mask, dom, count_tokens=(i == first_moe))
                                 a, kw = args_of[b][i]
                                 out = layer(hidden.get(b, self.device), *a, **kw)
@@ -345,7 +340,7 @@ def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = 
     path = info["path"]
     data = load_tokens(data_spec, tokenizer, split=split, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed,
                        model_config=seq.adapter.config)
-    n_batches = -(-len(data) // batch_size)
+    n_batches = data.num_batches(batch_size)
     loaded = LoadedModel(seq.model, tokenizer, path, seq.adapter)
 
     def runner(initial, lo, hi):

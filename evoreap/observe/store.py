@@ -444,7 +444,7 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
         log.info("reusing observation %s (%d tokens)", key, obs.stats.tokens)
         return key, obs.stats
 
-    n_batches = -(-len(data) // batch_size)
+    n_batches = data.num_batches(batch_size)
     partial = root / f"{key}.partial"
     # The key names the rows of each domain, not how the domains interleave (a finished observation is the same
     # for any order); a checkpoint at batch k is only valid for the same row order, so progress records it.

@@ -5,6 +5,7 @@ Built-ins (per scored token, then averaged per domain and overall):
 * ``nll``  next-token loss of the candidate; lower is better; needs no reference.
 * ``kl``   KL(unpruned || candidate); lower is better.
 * ``esap`` sum_x min(p_unpruned(x), p_candidate(x)) = 1 - total variation, the EvoESAP fitness; higher is better.
+* ``top1`` agreement of the candidate's most likely next token with the unpruned model's; higher is better.
 
 Tail treatment: the unpruned distribution is cached as its top-K tokens plus one lumped tail bucket
 (:mod:`evoreap.reference`). ``kl`` and ``esap`` are computed exactly on that (K+1)-bucket coarsening, with the

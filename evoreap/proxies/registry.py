@@ -3,14 +3,16 @@
 A proxy is a function ``fn(inputs: ProxyInputs) -> Tensor [B, T]``; :func:`evoreap.proxies.evaluate` averages it
 over the valid positions, per domain and overall. Register new ones with::
 
-    @register_proxy("top1", higher_is_better=True, needs_reference=True)
-    def top1(inputs):
-        return (inputs.logprobs.argmax(-1) == inputs.ref["topk_ids"][..., 0]).float()
+    @register_proxy("top5", higher_is_better=True, needs_reference=True)
+    def top5(inputs):
+        return (inputs.ref["topk_ids"][..., :5] == inputs.logprobs.argmax(-1, keepdim=True)).any(-1).float()
+
+Every built-in (``nll``, ``kl``, ``esap``, ``top1``) is registered when this module is imported; a name is
+registered once (a second registration raises :class:`~evoreap.errors.RegistryError`).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +21,7 @@ import torch
 
 from evoreap.errors import UsageError
 from evoreap.reference import tail_logmass
+from evoreap.registry import Registry
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,28 +73,24 @@ class Proxy:
         return (self.ideal - value) if self.ideal is not None else -value
 
 
-PROXIES: dict[str, Proxy] = {}
+PROXIES: Registry[Proxy] = Registry("proxy", quote=True, suggestions=1)
 
 
 def register_proxy(name: str, *, higher_is_better: bool, needs_reference: bool, ideal: float | None = None,
                    description: str = "") -> Callable[[ProxyFn], ProxyFn]:
-    """Decorator adding ``fn`` to the registry under ``name`` (a second registration under a name replaces it)."""
+    """Decorator adding ``fn`` to the registry under ``name``; a name already taken raises
+    :class:`~evoreap.errors.RegistryError`."""
 
     def add(fn: ProxyFn) -> ProxyFn:
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        PROXIES[name] = Proxy(name, fn, higher_is_better, needs_reference, ideal, doc)
+        PROXIES.add(name, Proxy(name, fn, higher_is_better, needs_reference, ideal, doc))
         return fn
 
     return add
 
 
 def get_proxy(name: str) -> Proxy:
-    try:
-        return PROXIES[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, PROXIES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UsageError(f"unknown proxy {name!r}; {hint}known proxies: {', '.join(sorted(PROXIES))}") from None
+    return PROXIES.get(name)
 
 
 def _xlogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -118,6 +117,12 @@ def esap(inputs: ProxyInputs) -> torch.Tensor:
     """Expected speculative acceptance, sum_x min(p, q) = 1 - total variation, over top-K ids plus the tail."""
     lp, lpt, lq, lqt = inputs.coarse
     return torch.minimum(lp, lq).exp().sum(-1) + torch.minimum(lpt, lqt).exp()
+
+
+@register_proxy("top1", higher_is_better=True, needs_reference=True, ideal=1.0)
+def top1(inputs: ProxyInputs) -> torch.Tensor:
+    """Top-1 agreement: the candidate's most likely next token is the unpruned model's."""
+    return (inputs.logprobs.argmax(-1) == inputs.ref["topk_ids"][..., 0].long()).float()
 
 
 __all__ = ["PROXIES", "Proxy", "ProxyInputs", "get_proxy", "register_proxy"]

@@ -1,8 +1,10 @@
-"""Optuna's own samplers as alternatives to the evolutionary default, over a repaired continuous encoding.
+"""The search's samplers: evoreap's evolution (the default) and Optuna's own samplers over a repaired continuous
+encoding, in one registry (:data:`SAMPLERS`: ``evolution``, ``tpe``, ``cmaes``, ``random``).
 
-Each trial suggests one weight ``w_l`` in [0, 1] per MoE layer; the allocation is ``lower + w * (upper - lower)``
-scaled to the exact expert total and repaired to the bounds and steps. Every candidate is scored at the top
-fidelity (these samplers do not race). The first trial is the uniform allocation (all weights equal).
+With an Optuna sampler each trial suggests one weight ``w_l`` in [0, 1] per MoE layer; the allocation is
+``lower + w * (upper - lower)`` scaled to the exact expert total and repaired to the bounds and steps. Every candidate
+is scored at the top fidelity (these samplers do not race). The first trial is the uniform allocation (all weights
+equal).
 """
 
 from __future__ import annotations
@@ -11,22 +13,58 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
+from evoreap.errors import UsageError
+from evoreap.registry import Registry
 from evoreap.search.driver import EvolutionSettings, SearchLimits, Scorer, candidate_key
 from evoreap.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
+EVOLUTION = "evolution"
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A search strategy. ``optuna`` builds the Optuna sampler from a seed; None for evoreap's own evolution."""
+
+    name: str
+    description: str
+    optuna: Callable[[int], optuna.samplers.BaseSampler] | None = None
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler")
+
+
+def register_sampler(name: str, description: str,
+                     factory: Callable[[int], optuna.samplers.BaseSampler] | None = None) -> Sampler:
+    """Add a sampler (``factory(seed)`` builds an Optuna sampler); a name already taken raises
+    :class:`~evoreap.errors.RegistryError`."""
+    return SAMPLERS.add(name, Sampler(name, description, factory))
+
+
+register_sampler(EVOLUTION, "evoreap's evolutionary search: budget-preserving mutations, racing on growing token "
+                            "counts (the default)")
+register_sampler("tpe", "Optuna's TPE sampler over a repaired continuous encoding",
+                 lambda seed: optuna.samplers.TPESampler(seed=seed))
+register_sampler("cmaes", "Optuna's CMA-ES sampler over a repaired continuous encoding",
+                 lambda seed: optuna.samplers.CmaEsSampler(seed=seed))
+register_sampler("random", "Optuna's random sampler over a repaired continuous encoding",
+                 lambda seed: optuna.samplers.RandomSampler(seed=seed))
+
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
+    """The Optuna sampler registered as ``name``, seeded; an unknown name (or the evolution, which is not an Optuna
+    sampler) raises :class:`~evoreap.errors.UsageError`."""
+    sampler = SAMPLERS.get(name)
+    if sampler.optuna is None:
+        raise UsageError(f"sampler {name!r} is evoreap's own search, not an Optuna sampler; run it with "
+                         "evoreap.search.driver.Leader")
+    return sampler.optuna(seed)
 
 
 def decode(space: SearchSpace, weights: list[float]) -> tuple[int, ...]:
