@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from evoreap.allocation import Allocation, keep_masks, uniform_keep_for_fraction
+from evoreap.allocation import Allocation, keep_masks
 from evoreap.data import load_tokens
 from evoreap.models import load_model
 from evoreap.proxies import evaluate
@@ -54,7 +54,8 @@ def main() -> None:
     loaded = load_model(args.model)
     model, adapter = loaded.model, loaded.adapter
     data = load_tokens("demo", loaded.tokenizer, split="search", seq_len=args.seq_len, samples=args.samples)
-    keep = uniform_keep_for_fraction(adapter, args.keep)
+    step = max(adapter.n_group, 1)  # the uniform count nearest --keep that the model can represent
+    keep = max(adapter.min_keep(), min(adapter.num_experts, round(adapter.num_experts * args.keep / step) * step))
     scores = {i: torch.rand(adapter.num_experts, generator=torch.Generator().manual_seed(i))
               for i in adapter.moe_layer_indices}
     masks = keep_masks(adapter, Allocation.uniform(adapter, keep), scores)

@@ -8,7 +8,7 @@ The Python API (:mod:`evoreap.api`)::
     evoreap.export(result.allocation, "pruned/")
 """
 
-__version__ = "0.1.0"
+from evoreap.version import __version__
 
 # Three of the API's names are also subpackages (evoreap.search, .observe, .export). Importing the API first loads
 # those subpackages, so the names below are bound last and stay the functions: a later ``import evoreap.search.x``

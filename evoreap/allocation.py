@@ -69,19 +69,12 @@ class Allocation:
         layers = tuple(adapter.moe_layer_indices)
         return cls(layers, (keep,) * len(layers))
 
-    @classmethod
-    def full(cls, adapter: MoEAdapter) -> Allocation:
-        return cls.uniform(adapter, adapter.num_experts)
-
     def as_dict(self) -> dict[int, int]:
         return dict(zip(self.layers, self.counts))
 
     @property
     def total(self) -> int:
         return sum(self.counts)
-
-    def routed_params(self, adapter: MoEAdapter) -> int:
-        return self.total * adapter.expert_params()
 
     def fraction(self, adapter: MoEAdapter) -> float:
         """Fraction of routed-expert parameters kept."""
@@ -379,11 +372,3 @@ def keep_masks(adapter: MoEAdapter, allocation: Allocation, scores: Mapping[int,
         out[layer] = mask
     return out
 
-
-def uniform_keep_for_fraction(adapter: MoEAdapter, fraction: float) -> int:
-    """The uniform per-layer count closest to ``fraction`` of the experts that the model can represent."""
-    if not (0 < fraction <= 1) or math.isnan(fraction):
-        raise UsageError(f"budget must be a fraction in (0, 1], got {fraction}")
-    step = adapter.n_group if adapter.n_group > 1 else 1
-    keep = int(round(adapter.num_experts * fraction / step)) * step
-    return max(adapter.min_keep(), min(adapter.num_experts, keep))

@@ -31,6 +31,7 @@ from evoreap.export import ExportResult, export_pruned
 from evoreap.export.core import check_out
 from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES
 from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer, resolve_model
+from evoreap.observe.sequential import observe_offloaded_cached
 from evoreap.observe.store import Observation, load_observation, observe_cached
 from evoreap.pipeline.choose import choose_experts
 from evoreap.pipeline.config import SearchConfig
@@ -61,14 +62,25 @@ def as_loaded(model: ModelLike, *, tokenizer: Any = None, dtype: str = "float32"
 def observe(model: ModelLike = None, data: Any = "demo", *, tokens: int | None = 65536, samples: int | None = None,
             seq_len: int = 256, batch_size: int = 8, seed: int = 0, cache_dir: str | None = None,
             dtype: str = "float32", device: str = "cpu", tokenizer: Any = None, trust_remote_code: bool = False,
+            offload: bool = False, max_memory_gb: float | None = None, checkpoint_every: int | None = None,
             progress: bool = True) -> Observation:
     """Record saliency statistics of ``model`` on ``data`` (split ``calibration``) into the cache, or find them
-    there; returns the verified :class:`~evoreap.observe.store.Observation` (``.key``, ``.stats``, ``.manifest``)."""
+    there; returns the verified :class:`~evoreap.observe.store.Observation` (``.key``, ``.stats``, ``.manifest``).
+    ``offload`` (or ``max_memory_gb``) streams one decoder layer at a time from the model directory's shards."""
+    if offload or max_memory_gb is not None:
+        if not isinstance(model, (str, Path)) and model is not None:
+            raise UsageError("offloaded observation reads the model's shards: pass its directory, not a model object")
+        key, _ = observe_offloaded_cached(None if model is None else str(model), data, dtype=dtype, device=device,
+                                          seq_len=seq_len, tokens=tokens, samples=samples, seed=seed,
+                                          cache_dir=cache_dir, batch_size=batch_size,
+                                          trust_remote_code=trust_remote_code, checkpoint_every=checkpoint_every,
+                                          progress=progress, max_hidden_bytes=int((max_memory_gb or 2.0) * 2**30))
+        return load_observation(key, cache_dir=cache_dir)
     loaded = as_loaded(model, tokenizer=tokenizer, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     data_tokens = load_tokens(data, loaded.tokenizer, split="calibration", seq_len=seq_len, tokens=tokens,
                               samples=samples, seed=seed, model_config=loaded.adapter.config)
     key, _ = observe_cached(loaded, data_tokens, cache_dir=cache_dir, batch_size=batch_size, progress=progress,
-                            seed=seed)
+                            seed=seed, checkpoint_every=checkpoint_every or 16)
     return load_observation(key, cache_dir=cache_dir)
 
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import traceback
 
-from evoreap import __version__
+from evoreap.version import __version__
 from evoreap.errors import EvoreapError
 
 # Sub-command modules, in the order `evoreap --help` lists them. Each defines NAME, HELP, EXAMPLE,

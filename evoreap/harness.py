@@ -45,7 +45,7 @@ def task_manager(settings: HarnessSettings, cache_root: Path):
     """lm-eval's TaskManager with the demo tasks and the user's include directories; unknown names fail here, before
     any model work."""
     try:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # lazy: lm_eval is an optional extra (and slow to import)
     except ImportError:
         raise UsageError(f"--lm-eval needs the lm-eval package: {INSTALL_HINT}") from None
 
@@ -66,7 +66,7 @@ def task_manager(settings: HarnessSettings, cache_root: Path):
 
 def run_harness(model, tokenizer, settings: HarnessSettings, manager) -> dict[str, dict[str, float]]:
     """Metrics per task, e.g. ``{"evoreap_demo_math": {"acc": 0.91, "acc_stderr": 0.01, ...}}``."""
-    import lm_eval
+    import lm_eval  # lazy: an optional extra (and slow to import)
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, device=str(model.device))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from evoreap.adapters import MoEAdapter
@@ -189,8 +190,6 @@ class Reference:
     def save(self, directory: str | Path) -> Path:
         """Write ``reference.safetensors`` then ``manifest.json`` with its sha256 (the manifest marks a complete
         entry)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".reference.", suffix=".tmp")
@@ -210,8 +209,6 @@ class Reference:
     def load(cls, directory: str | Path) -> Reference:
         """Read and verify a stored reference: manifest fields and types, the file's sha256, tensor shapes and
         dtypes, and the key (EvoreapError on any mismatch; UsageError when there is no manifest)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         mpath = directory / "manifest.json"
         try:

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import torch
 
-from evoreap import models  # models.load_model is looked up at call time (tests replace it to catch early loads)
+from evoreap import api, models  # models.load_model is looked up at call time (tests replace it to catch early loads)
 from evoreap.commands.common import add_data_arguments, add_model_arguments, add_runtime_arguments
-from evoreap.criteria import DEFAULT_MIN_COUNT, get_criterion, list_criteria, score_experts
-from evoreap.data import load_tokens
+from evoreap.criteria import DEFAULT_CRITERION, DEFAULT_MIN_COUNT, get_criterion, list_criteria, score_experts
 from evoreap.data.loader import check_seq_len
 from evoreap.errors import UsageError
 from evoreap.files import cache_root, check_writable_dir
 from evoreap.models import load_config, resolve_model
-from evoreap.observe.sequential import describe_checkpoint, observe_offloaded_cached
-from evoreap.observe.store import describe_model, load_observation, observations_dir, observe_cached
+from evoreap.observe.sequential import describe_checkpoint
+from evoreap.observe.store import describe_model, load_observation, observations_dir
 
 NAME = "observe"
 HELP = "record per-expert routing statistics (REAP and others) on calibration data"
@@ -45,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--offload a single pass, since every chunk reads every layer again)")
     p.add_argument("--show", metavar="KEY", default=None,
                    help="print the per-layer expert scores of a stored observation (key, key prefix or directory)")
-    p.add_argument("--criterion", default="reap", help="criterion for --show and the summary's top expert")
+    p.add_argument("--criterion", default=DEFAULT_CRITERION,
+                   help="criterion for --show and the summary's top expert")
     p.add_argument("--json", action="store_true", help="with --show: print JSON")
     p.add_argument("--list-criteria", action="store_true", help="list the expert-scoring criteria and exit")
 
@@ -142,22 +142,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_memory is not None and not 0 < args.max_memory < float("inf"):  # also refuses nan
         raise UsageError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
-    if args.offload or args.max_memory is not None:
-        key, stats = observe_offloaded_cached(args.model, args.data, dtype=args.dtype, device=args.device,
-                                              seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
-                                              seed=args.seed, cache_dir=args.cache_dir,
-                                              batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
-                                              checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                                              max_hidden_bytes=int((args.max_memory or 2.0) * 2**30))
-    else:
-        loaded = models.load_model(args.model, dtype=args.dtype, device=args.device,
-                                   trust_remote_code=args.trust_remote_code)
-        data = load_tokens(args.data, loaded.tokenizer, split="calibration", seq_len=args.seq_len,
-                           tokens=args.tokens, samples=args.samples, seed=args.seed,
-                           model_config=loaded.adapter.config)  # --seq-len within the model's positions
-        key, stats = observe_cached(loaded, data, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                    progress=not args.quiet, seed=args.seed,
-                                    checkpoint_every=args.checkpoint_every or 16)
+    obs = api.observe(args.model, args.data, tokens=args.tokens, samples=args.samples, seq_len=args.seq_len,
+                      batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir, dtype=args.dtype,
+                      device=args.device, trust_remote_code=args.trust_remote_code, offload=args.offload,
+                      max_memory_gb=args.max_memory, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    key, stats = obs.key, obs.stats
     print(f"observation {key}")
     print(f"stored in {observations_dir(args.cache_dir) / key}")
     for line in _summary(stats, args.criterion, args.min_count, args.seed):

@@ -144,7 +144,7 @@ def _read_file(path: str, tokenizer: Any) -> list[str]:
             line = raw.count(b"\n", 0, e.start) + 1
             raise UsageError(f"{path}, line {line}: not UTF-8 text; convert the file (iconv -t utf-8)") from None
         return _read_jsonl(path, text, tokenizer)
-    import datasets
+    import datasets  # lazy: ~1 s to import, only for parquet/JSON files and hub datasets
 
     builder = "parquet" if suffix == ".parquet" else "json"
     try:
@@ -163,7 +163,7 @@ def read_documents(source: DataSource, tokenizer: Any = None) -> list[str]:
         return _read_file(source.location, tokenizer)
     if source.kind == "dataset":
         return [_render(r, tokenizer, f"{source.name}, record {i}") for i, r in enumerate(source.dataset, 1)]
-    import datasets
+    import datasets  # lazy: ~1 s to import, only for parquet/JSON files and hub datasets
 
     try:
         ds = datasets.load_dataset(source.location, split=source.split)

@@ -34,11 +34,3 @@ def collection_ngrams(texts: Iterable[str], n: int = DEFAULT_NGRAM) -> set[int]:
         out |= ngram_hashes(t, n)
     return out
 
-
-def overlap_fraction(texts: Iterable[str], reference: set[int], n: int = DEFAULT_NGRAM) -> float:
-    """Fraction of the documents in ``texts`` that share at least one n-gram with ``reference``."""
-    total = hit = 0
-    for t in texts:
-        total += 1
-        hit += not ngram_hashes(t, n).isdisjoint(reference)
-    return hit / total if total else 0.0

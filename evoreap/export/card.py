@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from evoreap import __version__
+from evoreap.version import __version__
 
 FORMAT = "evoreap-export"
 

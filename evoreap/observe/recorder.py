@@ -148,7 +148,7 @@ def _experts_implementation(self: torch.nn.Module, hidden_states: torch.Tensor, 
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     entry = _ACTIVE.get(id(self))
     if entry is None:  # a module not under observation: behave exactly like the stock default
-        from transformers.integrations.moe import grouped_mm_experts_forward
+        from transformers.integrations.moe import grouped_mm_experts_forward  # lazy: ~2.7 s to import
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     recorder, layer = entry
@@ -156,7 +156,7 @@ def _experts_implementation(self: torch.nn.Module, hidden_states: torch.Tensor, 
 
 
 def _register_implementation() -> None:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # lazy: ~2.7 s to import, only when observing
 
     if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION) is not _experts_implementation:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _experts_implementation)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from evoreap import __version__
+from evoreap.version import __version__
 from evoreap.checkpoint.layout import ROUTER_TENSORS, router_key
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import cache_root, sha256_file, sha256_json, write_json_atomic

@@ -20,6 +20,7 @@ from typing import Any
 
 from evoreap.criteria import DEFAULT_CRITERION
 from evoreap.errors import SettingError, UsageError
+from evoreap.search.samplers import SAMPLERS
 
 MASKED = "***"  # what a stored storage URL shows in place of its password
 _MAX_CONFIG_BYTES = 1 << 20
@@ -59,10 +60,10 @@ class SearchConfig:
                              group="search")
     min_count: int | None = setting(None, "routed tokens below which an expert's mean score is not trusted "
                                           "(None: the criteria's default)", group="search")
-    proxy: str = setting("kl", "candidate score: kl, esap or nll", group="search")
+    proxy: str = setting("kl", "candidate score, a registered proxy: kl, esap, nll or top1", group="search")
     proxy_weights: str | None = setting(None, "per-domain weights of the proxy, e.g. code:2,drama:1", group="search")
-    sampler: str = setting("evolution", "evolution, or an Optuna sampler over a repaired continuous encoding",
-                           group="search", choices=("evolution", "tpe", "cmaes", "random"))
+    sampler: str = setting("evolution", "evolution, or a registered Optuna sampler (tpe, cmaes, random) over a "
+                                        "repaired continuous encoding", group="search")
     generations: int = setting(20, "generations of the evolutionary search", group="search")
     population: int = setting(4, "elites kept per generation", group="search")
     offspring: int = setting(12, "children per generation", group="search")
@@ -126,6 +127,8 @@ class SearchConfig:
         s = self.survivors
         if len(s) != 2 or min(s) < 1 or s[1] > s[0]:
             raise SettingError("survivors", f"{{name}} needs two counts, the second not larger, got {list(s)}")
+        if not SAMPLERS.find(self.sampler):
+            raise SettingError("sampler", f"{{name}}: {SAMPLERS.unknown_message(self.sampler)}")
         if self.worker and self.run is None:  # else a worker elsewhere would make a run of its own and wait on it
             raise SettingError("worker", "{name} needs a run name: the one the leader logs on its set-up line")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evoreap import __version__
+from evoreap.version import __version__
 from evoreap.allocation import write_json_atomic
 from evoreap.errors import UsageError
 from evoreap.files import real

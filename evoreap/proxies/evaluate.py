@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
@@ -105,8 +106,6 @@ def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch
     n_domains = len(data.domains)
     sums = {s.name: torch.zeros(n_domains, dtype=torch.float64) for s in specs}
     counts = torch.zeros(n_domains, dtype=torch.float64)
-
-    from tqdm.auto import tqdm
 
     with torch.inference_mode(), masked(model, adapter, masks or {}):
         for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch", disable=not progress):
