@@ -10,6 +10,7 @@ from evoreap.allocation import Allocation
 from evoreap.commands.common import add_model_arguments, add_runtime_arguments, positive_int, seq_len_type
 from evoreap.criteria import DEFAULT_CRITERION
 from evoreap.errors import UsageError
+from evoreap.harness import HarnessSettings, parse_tasks, task_manager  # imports lm_eval only when it runs
 from evoreap.observe.store import cache_root
 from evoreap.pipeline.judge import evaluate_pruned
 
@@ -72,7 +73,6 @@ def _harness(args: argparse.Namespace):
         if args.lm_eval_include or args.lm_eval_limit is not None:
             raise UsageError("--lm-eval-include/--lm-eval-limit need --lm-eval TASKS")
         return None
-    from evoreap.harness import HarnessSettings, parse_tasks, task_manager  # lm_eval: an optional extra
 
     if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
         raise UsageError(f"--lm-eval-limit must be at least 1, got {args.lm_eval_limit}")

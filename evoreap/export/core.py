@@ -99,22 +99,23 @@ def new_config(raw: dict[str, Any], config: Any, adapter: MoEAdapter, plan: Expo
     return out
 
 
-def check_out(out: str | Path, src: str | Path, overwrite: bool) -> Path:
+def check_out(out: str | Path, src: str | Path, overwrite: bool, *, what: str = "--out") -> Path:
     """The real path of a usable export destination; refuses (UsageError) one that is or overlaps the model
     directory ``src`` (compared as real paths: ``..``, trailing slashes and symlinks cannot hide it), is a symlink or
     a file, cannot be created, or is not empty, unless ``overwrite`` and it is an earlier evoreap export: evoreap
-    never deletes a directory it did not write."""
-    out = check_destination(out, sources={"model directory": src}, what="--out")
+    never deletes a directory it did not write. ``what`` names the destination in messages (``--export`` for
+    search's export)."""
+    out = check_destination(out, sources={"model directory": src}, what=what)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a directory path")
+        raise UsageError(f"{what} {out} is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace an earlier export "
+            raise UsageError(f"{what} {out} exists and is not empty; pass --overwrite to replace an earlier export "
                              "or choose a new path")
         if not _is_export(out):
-            raise UsageError(f"--out {out} is not empty and is not an evoreap export (no evoreap.json); evoreap "
+            raise UsageError(f"{what} {out} is not empty and is not an evoreap export (no evoreap.json); evoreap "
                              "replaces only its own exports: empty it yourself or choose a new path")
-    check_writable_dir(out, "--out")
+    check_writable_dir(out, what)
     return out
 
 

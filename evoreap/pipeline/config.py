@@ -20,7 +20,9 @@ from typing import Any
 
 from evoreap.criteria import DEFAULT_CRITERION
 from evoreap.errors import SettingError, UsageError
+from evoreap.files import write_json_atomic
 from evoreap.search.samplers import SAMPLERS
+from evoreap.search.storage import mask_url
 
 MASKED = "***"  # what a stored storage URL shows in place of its password
 _MAX_CONFIG_BYTES = 1 << 20
@@ -130,13 +132,11 @@ class SearchConfig:
         if not SAMPLERS.find(self.sampler):
             raise SettingError("sampler", f"{{name}}: {SAMPLERS.unknown_message(self.sampler)}")
         if self.worker and self.run is None:  # else a worker elsewhere would make a run of its own and wait on it
-            raise SettingError("worker", "{name} needs a run name: the one the leader logs on its set-up line")
+            raise SettingError("worker", "{name} needs --run NAME: the run name the leader logs on its set-up line")
 
     # -- files ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; a storage URL's password is masked (a run directory is shareable)."""
-        from evoreap.search.storage import mask_url
-
         out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["cli"]}
         if out["storage"]:
             out["storage"] = mask_url(out["storage"])
@@ -166,10 +166,10 @@ class SearchConfig:
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / "config.json"
+        if p.is_file() and p.stat().st_size > _MAX_CONFIG_BYTES:
+            raise UsageError(f"config file {path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; it is not a "
+                             "search config")
         try:
-            if p.stat().st_size > _MAX_CONFIG_BYTES:
-                raise UsageError(f"config file {path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; it is not a "
-                                 "search config")
             text = p.read_text(encoding="utf-8")
             data = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
         except FileNotFoundError:
@@ -184,8 +184,6 @@ class SearchConfig:
         return cls.from_dict(data, str(path))
 
     def save(self, path: str | Path) -> None:
-        from evoreap.files import write_json_atomic
-
         write_json_atomic(path, self.to_dict())
 
     def replace(self, **changes: Any) -> SearchConfig:

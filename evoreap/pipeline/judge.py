@@ -18,6 +18,7 @@ from evoreap.data import load_tokens
 from evoreap.data.guard import check_overlap
 from evoreap.data.loader import check_seq_len
 from evoreap.errors import UsageError
+from evoreap.harness import run_harness  # imports lm_eval only when it runs
 from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
 from evoreap.masking import masked
 from evoreap.models import LoadedModel, load_config, load_model
@@ -117,8 +118,6 @@ def _masks(loaded: LoadedModel, kept: dict[int, list[int]]) -> dict[int, torch.T
 
 def _lm_eval(candidates, tokenizer, settings, manager) -> dict:
     """lm-eval metrics per task, for each candidate (a masked one under its masks)."""
-    from evoreap.harness import run_harness  # lm_eval: an optional extra
-
     results = {}
     for cand in candidates:
         log.info("lm-eval %s on %s", ",".join(settings.tasks), cand.name)

@@ -11,7 +11,12 @@ from typing import Any
 
 import torch
 
-from evoreap.errors import UsageError
+from evoreap.criteria import score_experts
+from evoreap.errors import EvoreapError, UsageError
+from evoreap.files import write_text_atomic
+from evoreap.observe.store import load_observation
+from evoreap.pipeline.rundir import writable
+from evoreap.search.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +172,6 @@ def _store_artifacts(run: Path, env: dict[str, Any], pictures: list[Path], stora
         import optuna
         from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 
-        from evoreap.search.storage import open_storage
 
         study = optuna.load_study(study_name=env["study"], storage=open_storage(storage or env["storage"]))
         (run / "artifacts").mkdir(exist_ok=True)
@@ -201,13 +205,13 @@ def write_report(run: str | Path, artifacts: bool = False, storage: str | None =
     best = _read(run, "best_allocation.json", "layers")
     config = _read(run, "config.json", "config")
     env = _read(run, "environment.json")
-    from evoreap.pipeline.rundir import writable
-
     if not writable(run):
         raise UsageError(f"cannot write the pictures and report.md into {run}: it is not writable; make it writable "
                          "(or copy the run directory somewhere writable and plot that)")
     try:
         return _write_report(run, result, history, best, config, env, artifacts, storage)
+    except EvoreapError:  # already says what is wrong (a damaged observation, an unknown criterion)
+        raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a hand-edited or foreign file
         raise UsageError(f"{run} holds results this evoreap version cannot draw ({type(e).__name__}: {e}); re-run "
                          "the search that wrote them") from None
@@ -219,8 +223,6 @@ def _write_report(run: Path, result: dict[str, Any], history: dict[str, Any], be
     proxy = meta.get("proxy", "proxy")
     pictures = [plot_allocation(run, result), plot_history(run, history, proxy)]
     try:
-        from evoreap.criteria import score_experts
-        from evoreap.observe.store import load_observation
 
         obs = load_observation(meta["observation_key"], cache_dir=config["config"].get("cache_dir"))
         scores = score_experts(obs.stats, meta.get("criterion", "reap"),
@@ -266,7 +268,6 @@ def _write_report(run: Path, result: dict[str, Any], history: dict[str, Any], be
         _store_artifacts(run, env, pictures, storage)
     lines += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
     out = run / "report.md"
-    from evoreap.allocation import write_text_atomic
 
     write_text_atomic(out, "\n".join(lines) + "\n")
     return out

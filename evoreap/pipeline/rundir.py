@@ -22,6 +22,7 @@ from typing import Any
 from evoreap.version import __version__
 from evoreap.allocation import write_json_atomic
 from evoreap.errors import UsageError
+from evoreap.search.storage import mask_url  # a --storage URL's password stays out of the run directory
 from evoreap.files import real
 
 RUNS_DIR = Path("runs")
@@ -153,8 +154,6 @@ class RunDir:
         import optuna
         import torch
         import transformers
-
-        from evoreap.search.storage import mask_url  # a --storage URL's password stays out of the run directory
 
         self.write("environment.json", {
             "evoreap": __version__, "python": sys.version.split()[0], "platform": platform.platform(),

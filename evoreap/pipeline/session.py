@@ -3,6 +3,7 @@ loop, and the final comparison on held-out data."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -30,6 +31,7 @@ from evoreap.files import check_destination, check_writable_dir
 from evoreap.models import LoadedModel, load_config, load_model, resolve_model
 from evoreap.observe.store import cache_root, observe_cached
 from evoreap.pipeline.config import SearchConfig
+from evoreap.pipeline.report import write_report
 from evoreap.pipeline.rundir import RunDir, default_run_name, find_unfinished, identity_hash
 from evoreap.proxies import evaluate, get_proxy, loss_value, parse_proxy_weights, token_order
 from evoreap.reference import model_fingerprint, reference_cached
@@ -262,12 +264,10 @@ class SearchSession:
                                      overwrite=self.config.overwrite, progress=not self.config.quiet)
             log.info("exported the pruned model to %s", exported.out)
         if not self.config.no_plots:
-            try:
-                from evoreap.pipeline.report import write_report  # matplotlib: an optional extra
-
+            if importlib.util.find_spec("matplotlib") is None:  # plotting is an optional extra
+                log.warning("no pictures or report (no matplotlib); pip install 'evoreap[plot]'")
+            else:
                 write_report(self.run.path, artifacts=True, storage=self.storage_url)
-            except ImportError as e:
-                log.warning("no pictures or report (%s); pip install 'evoreap[plot]'", e)
         return SearchResult(alloc, table, self.run.path, summary, exported)
 
 
@@ -303,7 +303,7 @@ def check_destinations(config: SearchConfig, loaded: LoadedModel | None = None) 
         if spec is not None and spec.path is not None:
             sources["storage file"] = spec.path
         check_destination(config.export, sources=sources, what="--export")
-        check_out(config.export, model, config.overwrite)  # export's own rules: not the model, empty or its own
+        check_out(config.export, model, config.overwrite, what="--export")  # not the model, empty or its own
     if spec is not None:
         probe_storage(spec)  # last: a wrong password or an unreachable server, before any weight is read
     return spec
