@@ -9,41 +9,23 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from evoreap.cli import main
+from cli_helpers import expect, nothing_in, run_cli
 
 FAST = ["--generations", "0", "--offspring", "2", "--population", "2", "--fidelities", "256,512,1024",
         "--survivors", "2,1", "--calib-tokens", "1024", "--heldout-tokens", "512", "--seq-len", "64",
         "--batch-size", "8", "--no-plots"]
 
 
-def run_cli(capsys, *argv):
-    """(exit code, error lines); argparse errors exit through SystemExit."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    run_cli.last_err = err
-    return rc, [line for line in err.strip().splitlines() if ": error: " in line]
 
 
-def expect(capsys, code, words, *argv):
-    rc, lines = run_cli(capsys, *argv)
-    assert rc == code and len(lines) == 1, (rc, run_cli.last_err[-1500:])
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
 
 
-def nothing_in(path: Path) -> bool:
-    return not path.exists() or not any(path.rglob("*"))
 
 
 # -- fixtures: broken models, data files and a real observation --------------------------------------------------

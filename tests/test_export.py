@@ -336,7 +336,7 @@ def test_cli_export_dry_run_and_card(saved, tmp_path, capsys):
     data = json.loads(no_experts.read_text())
     data["meta"] = {}
     no_experts.write_text(json.dumps(data))
-    assert main(["export", "--model", str(src), "--allocation", str(no_experts), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", "--model", str(src), "--allocation", str(no_experts), "--out", str(tmp_path / "x")]) == 1
     assert "tokenizer" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 

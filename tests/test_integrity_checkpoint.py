@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evoreap.cli import main
 from evoreap.errors import EvoreapError
+from cli_helpers import expect, nothing_in, run_cli
 
 SHARD = "model-00001-of-00001.safetensors"
 EXPERT = "model.layers.0.mlp.experts.0.down_proj.weight"  # F32 [32, 16] in small_model_dir
@@ -27,28 +27,10 @@ OBSERVE = ["--tokens", "256", "--seq-len", "64", "-q"]
 
 # -- helpers (as in test_bad_input) ---------------------------------------------------------------------------------
 
-def run_cli(capsys, *argv):
-    """(exit code, error lines); argparse errors exit through SystemExit."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    run_cli.last_err = err
-    return rc, [line for line in err.strip().splitlines() if ": error: " in line]
 
 
-def expect(capsys, code, words, *argv):
-    rc, lines = run_cli(capsys, *argv)
-    assert rc == code and len(lines) == 1, (rc, run_cli.last_err[-1500:])
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
 
 
-def nothing_in(path: Path) -> bool:
-    return not path.exists() or not any(path.rglob("*"))
 
 
 def split(path: Path) -> tuple[bytes, bytes]:

@@ -15,31 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoreap.cli import main
+from cli_helpers import expect, run_cli
 
 FAST = ["--generations", "0", "--offspring", "2", "--population", "2", "--fidelities", "256,512,1024",
         "--survivors", "2,1", "--calib-tokens", "1024", "--heldout-tokens", "512", "--seq-len", "64",
         "--batch-size", "8", "--no-plots"]
 
 
-def run_cli(capsys, *argv):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    run_cli.last_err = err
-    return rc, [line for line in err.strip().splitlines() if ": error: " in line]
 
 
-def expect(capsys, code, words, *argv):
-    rc, lines = run_cli(capsys, *argv)
-    assert rc == code and len(lines) == 1, (rc, run_cli.last_err[-1500:])
-    assert "unexpected error" not in run_cli.last_err
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
 
 
 def tree(path: Path) -> list[str]:

@@ -16,33 +16,16 @@ from evoreap.cli import main
 from evoreap.data import load_tokens
 from evoreap.errors import UsageError
 from evoreap.testing import tiny_config
+from cli_helpers import expect, nothing_in
 
 LAYERS = {str(i): 4 for i in range(4)}  # small_model_dir: 4 MoE layers x 8 experts, top-2
 GOOD_EXPERTS = {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7], "2": [0, 2, 4, 6], "3": [1, 3, 5, 7]}
 
 
-def run_cli(capsys, *argv):
-    """(exit code, error lines); argparse errors exit through SystemExit."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    run_cli.last_err = err
-    return rc, [line for line in err.strip().splitlines() if ": error: " in line]
 
 
-def expect(capsys, code, words, *argv):
-    rc, lines = run_cli(capsys, *argv)
-    assert rc == code and len(lines) == 1, (rc, run_cli.last_err[-1500:])
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
 
 
-def nothing_in(path) -> bool:
-    return not path.exists() or not any(path.rglob("*"))
 
 
 def _export(model, alloc, tmp_path):
