@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
 from evoreap.errors import UsageError
+from evoreap.pipeline.config import SearchConfig
 from evoreap.models import parse_dtype
 
 
@@ -62,19 +64,19 @@ def dtype_type(text: str) -> str:
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", type=device_type, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", type=dtype_type, default="float32", help="compute dtype: float32, bfloat16 or float16")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order and any sampling")
+    p.add_argument("--device", type=device_type, default=DEFAULTS.device, help=setting_help("device"))
+    p.add_argument("--dtype", type=dtype_type, default=DEFAULTS.dtype, help=setting_help("dtype"))
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=setting_help("seed"))
 
 
 def add_data_arguments(p: argparse.ArgumentParser, default_split: str, tokens: int) -> None:
-    p.add_argument("--data", default="demo",
+    p.add_argument("--data", default=DEFAULTS.data,
                    help=f"data spec: bundled domains (code, drama, tools, math, demo), files (.txt/.jsonl/.parquet) "
                         f"or hf:ID, each as SOURCE[@SPLIT][:WEIGHT]; default split here is {default_split}")
     p.add_argument("--tokens", type=positive_int, default=tokens, help="tokens to use (rounded up to whole sequences)")
     p.add_argument("--samples", type=positive_int, default=None, help="sequences to use (overrides --tokens)")
-    p.add_argument("--seq-len", type=seq_len_type, default=256, help="tokens per packed sequence")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    p.add_argument("--seq-len", type=seq_len_type, default=DEFAULTS.seq_len, help=setting_help("seq_len"))
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help=setting_help("batch_size"))
 
 
 _MAX_COUNT = 2**53  # beyond this a count is no longer exact as a float (and is no real token or batch count)
@@ -101,3 +103,11 @@ def seq_len_type(text: str) -> int:
         raise argparse.ArgumentTypeError("must be at least 2 tokens (a row of L tokens scores L-1 next-token "
                                          f"predictions), got {value}")
     return value
+
+
+# The settings every command shares take their defaults and help from SearchConfig: stated once.
+DEFAULTS = SearchConfig()
+
+
+def setting_help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(SearchConfig) if f.name == name)

@@ -7,7 +7,8 @@ import json
 import logging
 
 from evoreap.allocation import Allocation
-from evoreap.commands.common import add_model_arguments, add_runtime_arguments, positive_int, seq_len_type
+from evoreap.commands.common import DEFAULTS, add_model_arguments, add_runtime_arguments, positive_int, \
+    seq_len_type, setting_help
 from evoreap.criteria import DEFAULT_CRITERION
 from evoreap.errors import UsageError
 from evoreap.harness import HarnessSettings, parse_tasks, task_manager  # imports lm_eval only when it runs
@@ -27,11 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--allocation", help="allocation JSON (best_allocation.json of a search, or your own)")
     what.add_argument("--pruned", help="a directory written by evoreap export")
-    p.add_argument("--data", default="demo", help="evaluation data spec (split 'heldout' for bundled domains)")
-    p.add_argument("--tokens", type=positive_int, default=32768, help="evaluation tokens")
-    p.add_argument("--seq-len", type=seq_len_type, default=256, help="tokens per packed sequence")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
-    p.add_argument("--reference-top-k", type=int, default=64, help="top-K log-probs kept of the unpruned model")
+    p.add_argument("--data", default=DEFAULTS.heldout_data,
+                   help="evaluation data spec (split 'heldout' for bundled domains)")
+    p.add_argument("--tokens", type=positive_int, default=DEFAULTS.heldout_tokens, help="evaluation tokens")
+    p.add_argument("--seq-len", type=seq_len_type, default=DEFAULTS.seq_len, help=setting_help("seq_len"))
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help=setting_help("batch_size"))
+    p.add_argument("--reference-top-k", type=positive_int, default=DEFAULTS.reference_top_k,
+                   help=setting_help("reference_top_k"))
     p.add_argument("--criterion", default=None,
                    help="criterion choosing experts when the allocation lists none; None: the allocation's own, "
                         f"else {DEFAULT_CRITERION}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from evoreap import api, models  # models.load_model is looked up at call time (tests replace it to catch early loads)
-from evoreap.commands.common import add_data_arguments, add_model_arguments, add_runtime_arguments
+from evoreap.commands.common import DEFAULTS, add_data_arguments, add_model_arguments, add_runtime_arguments
 from evoreap.criteria import DEFAULT_CRITERION, DEFAULT_MIN_COUNT, get_criterion, list_criteria, score_experts
 from evoreap.data.loader import check_seq_len
 from evoreap.errors import UsageError
@@ -27,7 +27,7 @@ EXAMPLE = "evoreap observe --model ./Qwen3-30B-A3B --data code:0.5,tools:0.5 --t
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_runtime_arguments(p)
-    add_data_arguments(p, default_split="calibration", tokens=65536)
+    add_data_arguments(p, default_split="calibration", tokens=DEFAULTS.calib_tokens)
     p.add_argument("--cache-dir", default=None,
                    help="where observations are stored (unset: $EVOREAP_CACHE, else ~/.cache/evoreap)")
     p.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT,
