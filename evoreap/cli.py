@@ -27,7 +27,13 @@ EXAMPLE = """examples:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the examples' line breaks."""
+    """Shows defaults and keeps the examples' line breaks; a help text that states its own default keeps it (no
+    second "(default: None)" after "(default: the bundled demo)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _TqdmHandler(logging.StreamHandler):

@@ -38,7 +38,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~umask())
+        os.fchmod(fd, 0o666 & ~umask())  # as shareable(): mkstemp makes it private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,6 +47,12 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def shareable(path: str | Path, directory: bool = False) -> None:
+    """Give a file (or directory) that a library or ``mkstemp``/``mkdtemp`` created privately the permissions the
+    umask gives: observations, references and exports are meant to be shared."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

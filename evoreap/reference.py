@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.files import cache_root, sha256_file, write_json_atomic
+from evoreap.files import cache_root, shareable, sha256_file, write_json_atomic
 from evoreap.fingerprint import versions, weights_fingerprint
 from evoreap.observe.store import data_fingerprints, router_tensors
 from evoreap.observe.store import model_fingerprint as store_fingerprint
@@ -197,6 +197,7 @@ class Reference:
         try:
             save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSORS}, tmp,
                       metadata={"format": FORMAT, "key": self.key})
+            shareable(tmp)  # mkstemp and safetensors write 0600
             digest = sha256_file(tmp)
             os.replace(tmp, directory / "reference.safetensors")
         except BaseException:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from evoreap.data.bundled import DOMAINS, corpus_path, load_texts
+from evoreap.files import shareable
 
 VERSION = 1
 GROUP = "evoreap_demo"
@@ -115,6 +116,7 @@ def demo_task_dir(cache_root: Path) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
+    shareable(tmp, directory=True)
     try:
         build_tasks(tmp, final)
         os.rename(tmp, final)

@@ -21,7 +21,7 @@ from evoreap.export.card import FORMAT as EXPORT_FORMAT
 from evoreap.export.card import export_record, model_card
 from evoreap.export.plan import ExportPlan, build_plan
 from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
-from evoreap.files import check_destination, check_writable_dir, real
+from evoreap.files import check_destination, check_writable_dir, real, shareable
 from evoreap.models import load_config
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
                     out.parent, ", ".join(stale))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export should get the usual permissions
+        shareable(tmp, directory=True)  # mkdtemp makes it private; the export should get the usual permissions
         write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_shard_bytes, progress=progress)
         cfg = new_config(raw, config, adapter, plan)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -200,12 +200,6 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
              "uniform" if plan.uniform else "non-uniform", result.tensors_written, result.tensors_dropped,
              plan.bytes_before / 1e6, plan.bytes_after / 1e6, result.seconds)
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _numel(shape: tuple[int, ...]) -> int:

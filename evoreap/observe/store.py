@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from evoreap.version import __version__
 from evoreap.checkpoint.layout import ROUTER_TENSORS, router_key
 from evoreap.errors import EvoreapError, UsageError
-from evoreap.files import cache_root, sha256_file, sha256_json, write_json_atomic
+from evoreap.files import cache_root, sha256_file, sha256_json, shareable, write_json_atomic
 from evoreap.fingerprint import weights_fingerprint
 from evoreap.observe.recorder import observe
 from evoreap.observe.stats import FIELDS, ExpertStats
@@ -160,6 +160,7 @@ def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
                              ) -> str:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    shareable(tmp)  # safetensors writes 0600
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest

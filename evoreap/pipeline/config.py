@@ -42,7 +42,7 @@ class SearchConfig:
     ``-`` (``calib_tokens`` is ``--calib-tokens``)."""
 
     # -- model ------------------------------------------------------------------------------------------------------
-    model: str | None = setting(None, "local model directory or hub id (default: the bundled demo MoE)",
+    model: str | None = setting(None, "local model directory or hub id (None: the bundled demo MoE)",
                                 group="model", metavar="MODEL")
     trust_remote_code: bool = setting(False, "allow a model directory's own Python code to run (read it first)",
                                       group="model")
@@ -87,7 +87,7 @@ class SearchConfig:
     reference_top_k: int = setting(64, "top-K log-probs of the unpruned model cached for kl/esap", group="data")
     allow_overlap: bool = setting(False, "run even if calibration/search/held-out data overlap", group="data")
     # -- run --------------------------------------------------------------------------------------------------------
-    run: str | None = setting(None, "run name (default: model, budget and time; an unfinished run with the same "
+    run: str | None = setting(None, "run name (None: model, budget and time; an unfinished run with the same "
                                     "settings is resumed)", group="run")
     runs_dir: str = setting("runs", "where run directories live", group="run")
     storage: str | None = setting(None, "Optuna storage URL (None: sqlite:///RUN/study.db); postgresql://... or "
