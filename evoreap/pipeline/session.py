@@ -354,7 +354,6 @@ def run_search(config: SearchConfig, loaded: LoadedModel | None = None,
                datasets: dict[str, Any] | None = None) -> SearchResult | None:
     """A whole search: a worker scores queued trials until the leader is done (returns None); a leader starts
     ``workers - 1`` local worker processes, leads, and returns the result."""
-    config.check()
     if config.worker:
         _exit_with_leader()
     session = SearchSession.prepare(config, loaded, datasets)  # checks everything before it creates or loads
