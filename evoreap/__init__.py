@@ -14,11 +14,11 @@ from evoreap.version import __version__
 # those subpackages, so the names below are bound last and stay the functions: a later ``import evoreap.search.x``
 # finds the subpackage in sys.modules and leaves the attribute alone. Inside evoreap, always import submodules by
 # their full dotted path (``from evoreap.search.space import ...``), never ``from evoreap import search``.
-from evoreap.api import evaluate, export, observe, search  # noqa: E402
+from evoreap.api import evaluate, export, observe, reinject, repair, search  # noqa: E402
 from evoreap.allocation import Allocation  # noqa: E402
 from evoreap.pipeline.config import SearchConfig  # noqa: E402
 from evoreap.pipeline.judge import EvaluationResult  # noqa: E402
 from evoreap.pipeline.session import SearchResult  # noqa: E402
 
 __all__ = ["Allocation", "EvaluationResult", "SearchConfig", "SearchResult", "__version__", "evaluate", "export",
-           "observe", "search"]
+           "observe", "reinject", "repair", "search"]

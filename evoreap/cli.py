@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -17,7 +18,7 @@ from evoreap.errors import EvoreapError
 
 # Sub-command modules, in the order `evoreap --help` lists them. Each defines NAME, HELP, EXAMPLE,
 # add_arguments(parser) and run(args) -> int.
-COMMANDS = ("inspect", "observe", "search", "export", "evaluate", "plot")
+COMMANDS = ("inspect", "observe", "search", "export", "evaluate", "repair", "reinject", "plot")
 
 EXAMPLE = """examples:
   evoreap inspect                         # the bundled demo MoE
@@ -86,8 +87,13 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    for noisy in ("transformers", "datasets", "optuna"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
+    # Libraries speak only on errors unless -v (their warnings) or -vv (their info): lm-eval's kwarg warnings,
+    # datasets' "Generating train split" bars. evoreap.harness also reads lm_eval's level to decide whether lm-eval
+    # may run `git describe` in the user's directory (which prints "fatal: not a git repository" outside one).
+    lib_level = logging.ERROR if not verbose else logging.WARNING if verbose == 1 else logging.INFO
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(lib_level)
+    _datasets_progress(shown=bool(verbose))
     try:
         import transformers
 
@@ -98,6 +104,25 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING if verbose else optuna.logging.ERROR)
     except ImportError:
         pass
+
+
+NOISY_LOGGERS = ("transformers", "datasets", "optuna", "lm_eval", "lm-eval", "huggingface_hub", "fsspec", "filelock",
+                 "urllib3", "accelerate")
+
+
+def _datasets_progress(shown: bool) -> None:
+    """datasets' own bars (``Generating train split``, ``Map``) only with ``-v``; a user's
+    HF_DATASETS_DISABLE_PROGRESS_BARS wins (datasets gives it priority). Set through the environment when datasets
+    is not imported yet (importing it costs a second on every command that never reads data)."""
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ and "datasets" not in sys.modules:
+        return
+    if "datasets" in sys.modules:
+        import datasets
+
+        if datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None:  # None: the environment did not decide
+            (datasets.enable_progress_bars if shown else datasets.disable_progress_bars)()
+        return
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if shown else "1"
 
 
 def main(argv: list[str] | None = None) -> int:

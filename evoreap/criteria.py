@@ -55,6 +55,7 @@ class Criterion:
     description: str
     fn: CriterionFn
     takes_seed: bool
+    unit: str = ""  # what one score measures, for people reading ``observe --show``
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion", hint="evoreap observe --list-criteria describes them",
@@ -63,15 +64,16 @@ _REGISTRY = CRITERIA  # the name tests and older code use
 _entry_points_loaded = False
 
 
-def register_criterion(name: str, description: str) -> Callable[[CriterionFn], CriterionFn]:
-    """Decorator: register ``fn(stats: LayerStats, min_count: int[, seed: int]) -> Tensor[E]`` (higher = keep).
-    A name that is taken or not a word raises :class:`~evoreap.errors.RegistryError`."""
+def register_criterion(name: str, description: str, unit: str = "") -> Callable[[CriterionFn], CriterionFn]:
+    """Decorator: register ``fn(stats: LayerStats, min_count: int[, seed: int]) -> Tensor[E]`` (higher = keep);
+    ``unit`` says what one score measures (shown by ``observe --show``). A name that is taken or not a word raises
+    :class:`~evoreap.errors.RegistryError`."""
     if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
         raise RegistryError(f"criterion name {name!r} must be a non-empty word (letters, digits, _ or -)")
 
     def deco(fn: CriterionFn) -> CriterionFn:
         takes_seed = "seed" in inspect.signature(fn).parameters
-        CRITERIA.add(name, Criterion(name, description, fn, takes_seed))
+        CRITERIA.add(name, Criterion(name, description, fn, takes_seed, unit))
         return fn
 
     return deco
@@ -119,7 +121,9 @@ def get_criterion(name: str) -> Criterion:
 def _trusted_mean(total: torch.Tensor, count: torch.Tensor, min_count: int) -> torch.Tensor:
     """``total / count``, with experts routed fewer than ``min_count`` times moved below every trusted one."""
     mean = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
-    untrusted = count < max(min_count, 1)
+    if min_count <= 0:  # trust every mean; never-routed experts (mean 0) still rank last (_finalise)
+        return mean
+    untrusted = count < min_count
     if untrusted.any() and not untrusted.all():
         # shift the untrusted block rigidly below the lowest trusted mean (keeps their order among themselves)
         span = mean.max() - mean.min() + 1.0
@@ -127,37 +131,43 @@ def _trusted_mean(total: torch.Tensor, count: torch.Tensor, min_count: int) -> t
     return mean
 
 
-@register_criterion("reap", "REAP: mean of gate * ||expert output|| over routed tokens (count < min_count: last)")
+@register_criterion("reap", "REAP: mean of gate * ||expert output|| over routed tokens (count < min_count: last)",
+                    "gate weight x L2 norm of the expert output, mean over the tokens routed to the expert")
 def reap(stats: LayerStats, min_count: int) -> torch.Tensor:
     return _trusted_mean(stats.gate_norm_sum, stats.count, min_count)
 
 
-@register_criterion("frequency", "routed-token count (hard frequency)")
+@register_criterion("frequency", "routed-token count (hard frequency)", "tokens routed to the expert")
 def frequency(stats: LayerStats, min_count: int) -> torch.Tensor:
     return stats.count.clone()
 
 
-@register_criterion("gate_mass", "router probability mass over all tokens (soft frequency)")
+@register_criterion("gate_mass", "router probability mass over all tokens (soft frequency)",
+                    "router probability summed over all tokens (tokens)")
 def gate_mass(stats: LayerStats, min_count: int) -> torch.Tensor:
     return stats.prob_mass.clone()
 
 
-@register_criterion("ean", "EAN: mean ||expert output|| over routed tokens (count < min_count: last)")
+@register_criterion("ean", "EAN: mean ||expert output|| over routed tokens (count < min_count: last)",
+                    "L2 norm of the expert output, mean over the tokens routed to the expert")
 def ean(stats: LayerStats, min_count: int) -> torch.Tensor:
     return _trusted_mean(stats.norm_sum, stats.count, min_count)
 
 
-@register_criterion("reap_x_frequency", "REAP times frequency: sum of gate * ||expert output|| over routed tokens")
+@register_criterion("reap_x_frequency", "REAP times frequency: sum of gate * ||expert output|| over routed tokens",
+                    "gate weight x L2 norm of the expert output, summed over the tokens routed to the expert")
 def reap_x_frequency(stats: LayerStats, min_count: int) -> torch.Tensor:
     return stats.gate_norm_sum.clone()
 
 
-@register_criterion("max_activation", "largest ||expert output|| over routed tokens")
+@register_criterion("max_activation", "largest ||expert output|| over routed tokens",
+                    "largest L2 norm of the expert output over its routed tokens")
 def max_activation(stats: LayerStats, min_count: int) -> torch.Tensor:
     return stats.max_norm.clone()
 
 
-@register_criterion("random", "seeded random baseline (never-routed experts still last)")
+@register_criterion("random", "seeded random baseline (never-routed experts still last)",
+                    "uniform random number in [0, 1), no unit")
 def random_scores(stats: LayerStats, min_count: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + stats.index)
     return torch.rand(stats.num_experts, generator=g, dtype=torch.float64)
@@ -176,6 +186,20 @@ def _finalise(name: str, raw: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         scores = scores.clone()
         scores[dead] = floor - 1.0 - scores.max().abs()  # below every routed expert, ties broken by index
     return scores
+
+
+def criterion_values(stats: ExpertStats, criterion: str, *, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``{decoder layer index: float64 values [E]}``: what the criterion measures, in its own unit, before ranking
+    moves anything. :func:`score_experts` shifts experts below ``min_count`` (and never-routed ones) under every
+    trusted expert, so its scores may be negative and order experts rather than measure them; these are the
+    measurements (the criterion with ``min_count=0``; a per-token mean of a never-routed expert is 0)."""
+    c = get_criterion(criterion)
+    out = {}
+    for i in stats.layers:
+        view = stats.layer(i)
+        raw = c.fn(view, 0, seed=seed) if c.takes_seed else c.fn(view, 0)
+        out[i] = torch.as_tensor(raw).detach().to(device="cpu", dtype=torch.float64).reshape(-1).clone()
+    return out
 
 
 def score_experts(stats: ExpertStats, criterion: str, *, min_count: int = DEFAULT_MIN_COUNT, seed: int = 0

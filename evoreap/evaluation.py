@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
@@ -29,11 +30,24 @@ class Candidate:
     exported: bool = False  # a physically pruned model, not the reference's own model under masks
 
 
-def score(candidate: Candidate, data: TokenData, reference: Reference, batch_size: int = 8) -> ProxyResult:
-    # A physically pruned model has other weights than the model the reference was built with; comparing it to
-    # that reference is the point here, so only the data are checked for it.
-    return evaluate(candidate.model, candidate.adapter, candidate.masks, data, proxies=METRICS, reference=reference,
-                    batch_size=batch_size, other_model=candidate.exported)
+def score(candidate: Candidate, data: TokenData, reference: Reference, batch_size: int = 8,
+          progress: bool = False) -> ProxyResult:
+    """All :data:`METRICS` of ``candidate`` on every row of ``data``; ``progress`` shows a bar of scored tokens
+    named after the candidate."""
+    bar = tqdm(desc=f"score {candidate.name}", unit="tok", unit_scale=True, disable=not progress)
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        # A physically pruned model has other weights than the model the reference was built with; comparing it
+        # to that reference is the point here, so only the data are checked for it.
+        return evaluate(candidate.model, candidate.adapter, candidate.masks, data, proxies=METRICS,
+                        reference=reference, batch_size=batch_size, other_model=candidate.exported,
+                        progress=advance)
+    finally:
+        bar.close()
 
 
 def as_row(result: ProxyResult) -> dict[str, Any]:

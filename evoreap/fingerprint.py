@@ -181,6 +181,12 @@ def forget(model: torch.nn.Module) -> None:
     _DIGESTS.pop(model, None)
 
 
+def offloaded(model: torch.nn.Module) -> bool:
+    """Placed by accelerate with weights offloaded (on meta): its hooks replace those tensors on every forward (as
+    inference tensors under inference mode, without versions), while the weights, read from the files, stay."""
+    return bool(getattr(model, "hf_device_map", None)) and any(p.device.type == "meta" for p in model.parameters())
+
+
 def weights_fingerprint(model: torch.nn.Module, cache_dir: str | Path | None = None) -> str:
     """The fingerprint of all of ``model``'s weights: the files kind while it is unchanged since :func:`note_loaded`
     and its files are too, else the tensors kind. Cached per model object until a tensor changes."""
@@ -190,7 +196,7 @@ def weights_fingerprint(model: torch.nn.Module, cache_dir: str | Path | None = N
         return hit[1]
     digest = None
     loaded = _LOADED.get(model)
-    if now is not None and loaded is not None and loaded[2] == now:
+    if loaded is not None and ((now is not None and loaded[2] == now) or offloaded(model)):
         directory, signatures, _ = loaded
         try:
             same = [_signature(p) for p in checkpoint_files(directory)] == signatures

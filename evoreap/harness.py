@@ -8,8 +8,14 @@ the same router masks as evoreap's own numbers, and nothing is re-read from a hu
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import logging
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +33,23 @@ class HarnessSettings:
     limit: int | None = None
     batch_size: int = 8
     seed: int = 0
+    num_fewshot: int | None = None  # None: each task's own
+    apply_chat_template: bool = False  # render prompts with the tokenizer's (or chat_template's) chat template
+    chat_template: str | None = field(default=None, repr=False)  # template text from --chat-template
 
     @property
     def uses_demo_tasks(self) -> bool:
         """Whether any task is a bundled one (built from the demo's held-out split)."""
         return any(t.startswith(GROUP) for t in self.tasks)
+
+
+@dataclass(frozen=True)
+class HarnessRun:
+    """One model's lm-eval run: evoreap's flat metrics per task, and lm-eval's own results document (JSON-ready:
+    results, versions, n-shot, task configs), saved next to evoreap's table by ``evaluate --out``."""
+
+    metrics: dict[str, dict[str, float]]
+    output: dict[str, Any]
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
@@ -54,9 +72,12 @@ def task_manager(settings: HarnessSettings, cache_root: Path):
         if not Path(d).is_dir():
             raise UsageError(f"--lm-eval-include {d} is not a directory; pass a directory of lm-eval task YAML files")
         include.append(str(Path(d).resolve()))
+    # Indexing lm-eval's thousands of built-in task files takes 10-20 s; the bundled demo tasks alone need none of
+    # them (a user's include directory may name built-in tasks in its groups, so it keeps the full index).
+    demo_only = not include and all(t.startswith(GROUP) for t in settings.tasks)
     if settings.uses_demo_tasks:
         include.insert(0, str(demo_task_dir(cache_root)))
-    manager = TaskManager(include_path=include or None)
+    manager = TaskManager(include_path=include or None, include_defaults=not demo_only)
     unknown = [t for t in settings.tasks if not manager.match_tasks([t])]
     if unknown:
         raise UsageError(f"unknown lm-eval task {', '.join(unknown)}; list tasks with `lm-eval ls tasks`, or pass "
@@ -64,16 +85,60 @@ def task_manager(settings: HarnessSettings, cache_root: Path):
     return manager
 
 
+def check_chat_template(settings: HarnessSettings, tokenizer: Callable[[], Any]) -> None:
+    """``apply_chat_template`` needs a template: ``settings.chat_template`` or the tokenizer's own. ``tokenizer``
+    is called only then, so that callers can check before any weight is read (a tokenizer loads alone, cheaply)."""
+    if settings.apply_chat_template and settings.chat_template is None and \
+            not getattr(tokenizer(), "chat_template", None):
+        raise UsageError("--apply-chat-template needs a chat template and the model's tokenizer has none; pass "
+                         "--chat-template FILE")
+
+
 def run_harness(model, tokenizer, settings: HarnessSettings, manager) -> dict[str, dict[str, float]]:
     """Metrics per task, e.g. ``{"evoreap_demo_math": {"acc": 0.91, "acc_stderr": 0.01, ...}}``."""
+    return harness_run(model, tokenizer, settings, manager).metrics
+
+
+def harness_run(model, tokenizer, settings: HarnessSettings, manager) -> HarnessRun:
+    """Run the tasks on ``model``: evoreap's metrics and lm-eval's own results document."""
     import lm_eval  # lazy: an optional extra (and slow to import)
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import handle_non_serializable
 
+    check_chat_template(settings, lambda: tokenizer)
+    if settings.chat_template is not None:  # a copy: the caller's tokenizer keeps its own template
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = settings.chat_template
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, device=str(model.device))
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(settings.tasks), task_manager=manager, limit=settings.limit,
-                                  log_samples=False, random_seed=settings.seed, numpy_random_seed=settings.seed,
-                                  torch_random_seed=settings.seed, fewshot_random_seed=settings.seed)
-    return {task: _metrics(values) for task, values in out["results"].items()}
+    with _quiet_git():
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(settings.tasks), task_manager=manager,
+                                      limit=settings.limit, num_fewshot=settings.num_fewshot,
+                                      apply_chat_template=settings.apply_chat_template, log_samples=False,
+                                      random_seed=settings.seed, numpy_random_seed=settings.seed,
+                                      torch_random_seed=settings.seed, fewshot_random_seed=settings.seed)
+    output = json.loads(json.dumps(out, default=handle_non_serializable))
+    return HarnessRun({task: _metrics(values) for task, values in out["results"].items()}, output)
+
+
+@contextlib.contextmanager
+def _quiet_git() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the current directory (the user's, not lm-eval's), and git prints
+    "fatal: not a git repository" on stderr outside one. Unless lm-eval's logger shows warnings (``evoreap -v``;
+    also when nothing configured logging),
+    lm-eval's own fallback (reading a .git directory, silently) stands in for the subprocess. The CLI sets the
+    level; this library only reads it."""
+    if logging.getLogger("lm_eval").isEnabledFor(logging.WARNING):
+        yield
+        return
+    from lm_eval import evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: get_commit_from_path(os.getcwd())
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _metrics(values: dict[str, Any]) -> dict[str, float]:

@@ -19,6 +19,11 @@ from evoreap.errors import UsageError
 def _router_hook(adapter: MoEAdapter, layer: MoELayer, keep: torch.Tensor):
     def hook(module, args, output):
         # Recompute the routing with the cut experts excluded; the stock output is discarded.
+        if getattr(module, "_hf_hook", None) is not None:  # a device-mapped model (accelerate): the router's
+            from accelerate.utils import align_module_device  # offloaded weights are back on meta after its forward
+
+            with align_module_device(module):
+                return adapter.route(layer, args[0], keep)
         return adapter.route(layer, args[0], keep)
 
     return hook
@@ -49,7 +54,8 @@ def masked(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.T
     try:
         for index, keep in masks.items():
             layer = by_index[index]
-            keep = keep.to(device=layer.router.weight.device, dtype=torch.bool)
+            device = layer.router.weight.device
+            keep = keep.to(device=device if device.type != "meta" else "cpu", dtype=torch.bool)  # meta: offloaded
             if int(keep.sum()) < layer.top_k:
                 raise UsageError(f"layer {index} keeps {int(keep.sum())} experts, fewer than top-k {layer.top_k}")
             _check_groups(layer, keep)

@@ -114,7 +114,12 @@ def next_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     in chunks small enough that the float32 copy stays bounded whatever the vocabulary."""
     device = model_device(model)
     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-    logits = out.logits
+    return logprob_chunks(out.logits)
+
+
+def logprob_chunks(logits: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, end, log_softmax(logits[:, start:end]) float32)`` over the L-1 scored positions of ``logits``
+    ``[B, L, V]``, in chunks small enough that the float32 copy stays bounded whatever the vocabulary."""
     b, length, vocab = logits.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, b * vocab))
     for start in range(0, length - 1, step):

@@ -53,8 +53,18 @@ def test_jsonl_text_and_chat_fields(tmp_path):
     f = tmp_path / "chats.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi " * 30}, {"role": "assistant", "content": "yo " * 30}]}]
     f.write_text("\n".join(json.dumps(r) for r in rows * 4))
-    data = load_tokens(str(f), CharTokenizer(), split="calibration", seq_len=32)
+    # a tokenizer without a chat template: refused in one line, not rendered as guessed "role: content" text
+    with pytest.raises(UsageError, match="no chat template; pass --chat-template FILE"):
+        load_tokens(str(f), CharTokenizer(), split="calibration", seq_len=32)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    tok = CharTokenizer()
+    tok.apply_chat_template = lambda messages, chat_template=None, tokenize=False: __import__("jinja2").Template(
+        chat_template).render(messages=messages)
+    data = load_tokens(str(f), tok, split="calibration", seq_len=32, chat_template=template)
     assert data.domains == ("chats",) and len(data) > 0 and str(f) in data.file_hashes
+    expect = [b + 1 for b in ("<user>" + "hi " * 30 + "<assistant>" + "yo " * 30).encode()][:32]
+    assert data.input_ids[0].tolist() == expect or any(r.tolist() == expect for r in data.input_ids)
 
 
 @pytest.mark.parametrize("content,name,match", [

@@ -323,7 +323,7 @@ def test_cli_export_dry_run_and_card(saved, tmp_path, capsys):
     assert "non-uniform" in text and "dropped" in text and not out.exists()
     assert main(["export", "--model", str(src), "--allocation", str(alloc), "--out", str(out), "--no-progress"]) == 0
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model:") and "trust_remote_code=True" in card
+    assert card.startswith("---\n") and "trust_remote_code=True" in card  # base_model only as a hub id (#16)
     for layer, k in kept.items():
         assert f"| {layer} | {len(k)} | {adapter.num_experts} |" in card
     record = json.loads((out / "evoreap.json").read_text())

@@ -68,7 +68,7 @@ def test_reuse_and_manifest(tmp_path):
 
     obs_dir = observations_dir(tmp_path) / key
     m = json.loads((obs_dir / "manifest.json").read_text())
-    assert m["schema_version"] == 2 and m["key"] == key and m["evoreap_version"]
+    assert m["schema_version"] == 3 and m["key"] == key and m["evoreap_version"]
     fp = m["model"]["fingerprint"]
     assert set(fp) == {"config_sha256", "router_sha256", "tokenizer_sha256", "weights_sha256", "sha256"}
     assert m["data"]["seq_len"] == 16 and m["data"]["seed"] == 7 and set(m["data"]["fingerprints"]) == {"a", "b"}

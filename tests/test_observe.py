@@ -67,6 +67,7 @@ def naive_stats(model, adapter: MoEAdapter, data: TokenData) -> ExpertStats:
                     stats.gate_norm_sum[i][e] += g * n
                     stats.max_norm[i][e] = max(float(stats.max_norm[i][e]), n)
                     stats.domain_count[i][int(dom[t]), e] += 1
+                    stats.domain_gate_norm_sum[i][int(dom[t]), e] += g * n
     dt = tuple(int(data.attention_mask[data.domain_ids == d].sum()) for d in range(len(data.domains)))
     return ExpertStats(**{f: getattr(stats, f) for f in FIELDS}, domains=data.domains, tokens=int(mask.sum()),
                        domain_tokens=dt)

@@ -162,6 +162,14 @@ class MoEAdapter:
             out.append(MoELayer(i, block, router, experts, int(router.weight.shape[0]), int(router.top_k)))
         return out
 
+    def moe_norm(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        """The norm module whose output feeds decoder layer ``layer``'s MoE block."""
+        norm = getattr(model.get_decoder().layers[layer], self.spec.moe_norm_attr, None)
+        if norm is None:
+            raise UnsupportedModelError(f"{self.name}: decoder layer {layer} has no '{self.spec.moe_norm_attr}' norm "
+                                        "before its MoE block; set moe_norm_attr in its ArchSpec")
+        return norm
+
     def route(self, layer: MoELayer, hidden: torch.Tensor, keep: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits, gate weights, indices)`` for ``hidden`` as the model routes it (see routing.route)."""

@@ -44,6 +44,7 @@ class ArchSpec:
         disk_expert_names: per-expert tensor names in checkpoints that store one tensor per expert, in the
             order gate, up, down; empty when the checkpoint stores fused experts (GPT-OSS).
         expert_bias: experts carry biases on both projections (GPT-OSS).
+        moe_norm_attr: the norm on the decoder layer that feeds its MoE block (router repair may refit it).
     """
 
     name: str
@@ -60,6 +61,7 @@ class ArchSpec:
     disk_block: str = "mlp"
     disk_expert_names: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     expert_bias: bool = False
+    moe_norm_attr: str = "post_attention_layernorm"
 
     def moe_layer_indices(self, config: Any) -> list[int]:
         """Decoder layers whose MLP is a routed MoE block, from the config alone (no weights needed)."""

@@ -69,6 +69,13 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=setting_help("seed"))
 
 
+def add_placement_arguments(p: argparse.ArgumentParser, max_memory: bool = True) -> None:
+    """``--device-map`` (and ``--max-memory``): the model placed over devices, CPU and disk by accelerate."""
+    p.add_argument("--device-map", default=None, metavar="MAP", help=setting_help("device_map"))
+    if max_memory:
+        p.add_argument("--max-memory", default=None, metavar="MEM", help=setting_help("max_memory"))
+
+
 def add_data_arguments(p: argparse.ArgumentParser, default_split: str, tokens: int) -> None:
     p.add_argument("--data", default=DEFAULTS.data,
                    help=f"data spec: bundled domains (code, drama, tools, math, demo), files (.txt/.jsonl/.parquet) "
@@ -77,6 +84,10 @@ def add_data_arguments(p: argparse.ArgumentParser, default_split: str, tokens: i
     p.add_argument("--samples", type=positive_int, default=None, help="sequences to use (overrides --tokens)")
     p.add_argument("--seq-len", type=seq_len_type, default=DEFAULTS.seq_len, help=setting_help("seq_len"))
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help=setting_help("batch_size"))
+
+
+def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE", help=setting_help("chat_template"))
 
 
 _MAX_COUNT = 2**53  # beyond this a count is no longer exact as a float (and is no real token or batch count)

@@ -8,6 +8,7 @@ from pathlib import Path
 from evoreap.adapters import MoEAdapter
 from evoreap.allocation import Allocation
 from evoreap.api import export, source_dir
+from evoreap.checkpoint.quant import quant_label
 from evoreap.commands.common import add_model_arguments
 from evoreap.criteria import DEFAULT_CRITERION
 from evoreap.errors import UsageError
@@ -47,9 +48,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="copy tokenizer/license files that are symlinks leading out of the model directory (as real "
                         "files); without it such a link is refused")
     g.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
+    g.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="hub id the model card names as base model (e.g. Qwen/Qwen3-30B-A3B); None: the source "
+                        "config's _name_or_path or hub cache folder when they name one")
+    g.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="quantize the pruned model's projection weights with compressed-tensors (W4A16, W4A16_ASYM, "
+                        "W8A16, FP8_DYNAMIC, FP8_BLOCK; routers, embeddings and lm_head stay unquantized) and write a "
+                        "compressed-tensors checkpoint; needs the quant extra and a full-precision source")
+    g.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="group size (or NxN block for FP8_BLOCK) of --quantize instead of the preset's 128")
     g.add_argument("--dry-run", action="store_true",
                    help="validate and print the plan (tensors kept/sliced/dropped, bytes before/after); write nothing")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--repair", default=None, type=Path, metavar="FILE",
+                   help="repaired parameters to write (None: the allocation's NAME.repair.safetensors if present)")
+    g.add_argument("--no-repair", action="store_true", help="ignore a repair file beside the allocation")
 
 
 def parse_size(text: str) -> int:
@@ -85,6 +98,9 @@ def print_plan(adapter, plan, max_shard: int) -> None:
     print(f"shards            {len(split_shards(plan.tensors, max_shard))} (max {_fmt_bytes(max_shard)})")
     loads = "stock transformers / vLLM" if plan.uniform else "trust_remote_code=True (bundled modeling_evoreap.py)"
     print(f"loads with        {loads}")
+    quant = quant_label(adapter.config)
+    if quant is not None:
+        print(f"quantization      {quant}: kept experts' quantized tensors and scales copied byte for byte")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     result = export(args.allocation, args.out, model=args.model, criterion=args.criterion,
                     observation=args.observation, cache_dir=args.cache_dir, overwrite=args.overwrite,
                     max_shard_bytes=max_shard, progress=not args.no_progress,
-                    trust_remote_code=args.trust_remote_code, copy_external_links=args.copy_external_links)
+                    trust_remote_code=args.trust_remote_code, copy_external_links=args.copy_external_links,
+                    base_model=args.base_model, repair=False if args.no_repair else args.repair,
+                    quantize=args.quantize, quantize_group_size=args.group_size)
     kind = "uniform (stock config)" if result.uniform else "non-uniform (load with trust_remote_code=True)"
     shards = sum(f.endswith(".safetensors") for f in result.files)
     print(f"wrote {result.out}: {kind}, {result.tensors_written} tensors in {shards} shard(s), "

@@ -8,6 +8,8 @@ import json
 import torch
 
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint.layout import KeyLayout
+from evoreap.checkpoint.quant import WEIGHT, detect, open_quantized
 from evoreap.checkpoint.reader import local_checkpoint
 from evoreap.checkpoint.trust import needs_trust
 from evoreap.commands.common import add_model_arguments
@@ -33,6 +35,25 @@ def stored_bytes(path: str) -> tuple[int, dict[str, int]] | None:
     for t in index:
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
     return sum(by_dtype.values()), by_dtype
+
+
+def bytes_by_part(path: str, adapter: MoEAdapter, config) -> dict[str, int]:
+    """Stored bytes of routed experts, routers and the rest; for a quantized checkpoint the scales (and packed shapes,
+    zero points) of each part apart from its weights (``expert_scales``, ``other_scales``)."""
+    index = local_checkpoint(path)
+    quant = open_quantized(path, index, config)
+    roles = quant.role_of() if quant is not None else {}
+    layout = KeyLayout.of(adapter)
+    out = {"experts": 0, "routers": 0, "other": 0}
+    if quant is not None:
+        out |= {"expert_scales": 0, "other_scales": 0}
+    for t in index:
+        key = layout.parse(t.name)
+        part = "routers" if key is not None and key.is_router else "experts" if key is not None else "other"
+        if roles.get(t.name, WEIGHT) != WEIGHT and part != "routers":
+            part = "expert_scales" if part == "experts" else "other_scales"
+        out[part] += t.nbytes
+    return out
 
 
 def describe(name: str | None, trust_remote_code: bool = False) -> dict:
@@ -61,8 +82,12 @@ def describe(name: str | None, trust_remote_code: bool = False) -> dict:
         "params": params,
     }
     disk = stored_bytes(path)
+    quant = detect(config)
+    if quant is not None:
+        info["quantization"] = quant.describe()
     if disk is not None:
         info["stored_bytes"], info["stored_bytes_by_dtype"] = disk
+        info["stored_bytes_by_part"] = bytes_by_part(path, adapter, config)
     else:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
         size = torch.empty((), dtype=getattr(torch, str(dtype).replace("torch.", ""))).element_size()
@@ -102,6 +127,14 @@ def run(args: argparse.Namespace) -> int:
         ("active per token", f"{p['active_per_token']:,} ({_fmt(p['active_per_token'])})"),
         ("stored size", f"{info['stored_bytes']:,} bytes ({_fmt(info['stored_bytes'])}B)"),
     ]
+    if "stored_bytes_by_part" in info:
+        rows.append(("stored by part", ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}B"
+                                                  for k, v in info["stored_bytes_by_part"].items())))
+    q = info.get("quantization")
+    if q is not None:
+        block = "x".join(str(b) for b in q["block"]) if q.get("block") else "none"
+        extra = f", {'; '.join(q['scheme'])}" if q.get("scheme") else ""
+        rows.append(("quantization", f"{q['method']}: {q['format']}, block {block}{extra}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from evoreap import api, models  # models.load_model is looked up at call time (tests replace it to catch early loads)
-from evoreap.commands.common import DEFAULTS, add_data_arguments, add_model_arguments, add_runtime_arguments
-from evoreap.criteria import DEFAULT_CRITERION, DEFAULT_MIN_COUNT, get_criterion, list_criteria, score_experts
+from evoreap.commands.common import DEFAULTS, add_chat_template_argument, add_data_arguments, add_model_arguments, \
+    add_placement_arguments, add_runtime_arguments
+from evoreap.criteria import DEFAULT_CRITERION, DEFAULT_MIN_COUNT, criterion_values, get_criterion, list_criteria, \
+    score_experts
 from evoreap.data.loader import check_seq_len
 from evoreap.errors import UsageError
 from evoreap.files import cache_root, check_writable_dir
@@ -27,7 +29,9 @@ EXAMPLE = "evoreap observe --model ./Qwen3-30B-A3B --data code:0.5,tools:0.5 --t
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_runtime_arguments(p)
+    add_placement_arguments(p, max_memory=False)  # observe's --max-memory streams layers (below)
     add_data_arguments(p, default_split="calibration", tokens=DEFAULTS.calib_tokens)
+    add_chat_template_argument(p)
     p.add_argument("--cache-dir", default=None,
                    help="where observations are stored (unset: $EVOREAP_CACHE, else ~/.cache/evoreap)")
     p.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT,
@@ -89,18 +93,26 @@ def _show(args: argparse.Namespace) -> int:
     obs = load_observation(args.show, cache_dir=args.cache_dir, expect_model_fingerprint=expect)
     stats = obs.stats
     scores = score_experts(stats, args.criterion, min_count=args.min_count, seed=args.seed)
-    if args.json:
-        print(json.dumps({"key": obs.key, "criterion": args.criterion, "min_count": args.min_count,
-                          "scores": {str(i): s.tolist() for i, s in scores.items()},
-                          "count": {str(i): stats.count[i].tolist() for i in stats.layers}}, indent=1))
-        return 0
+    values = criterion_values(stats, args.criterion, seed=args.seed)
+    unit = get_criterion(args.criterion).unit or "the criterion's own score"
     m = obs.manifest
+    if args.json:
+        print(json.dumps({"key": obs.key, "criterion": args.criterion, "unit": unit, "min_count": args.min_count,
+                          "values": {str(i): v.tolist() for i, v in values.items()},
+                          "scores": {str(i): s.tolist() for i, s in scores.items()},
+                          "count": {str(i): stats.count[i].tolist() for i in stats.layers},
+                          "sources": m.get("data", {}).get("sources", [])}, indent=1))
+        return 0
     print(f"observation {obs.key}")
     print(f"model {m.get('model', {}).get('path')} ({m.get('model', {}).get('architecture')}), {stats.tokens} tokens "
           f"({', '.join(f'{d} {n}' for d, n in zip(stats.domains, stats.domain_tokens)) or 'one domain'}), "
           f"seq_len {m.get('data', {}).get('seq_len')}")
-    print(f"criterion {args.criterion} (higher = keep; never-routed experts marked *, below --min-count "
-          f"{args.min_count} marked ~)")
+    for line in source_lines(m):
+        print(line)
+    print(f"criterion {args.criterion}: {unit} (higher = keep)")
+    print("rows: expert index; columns: L<i> = decoder layer i; * = never routed (no tokens), "
+          f"~ = routed fewer than --min-count {args.min_count} times (value shown, but ranked after every unmarked "
+          "expert of its layer)")
     layers = stats.layers
     header = "expert " + "".join(f"{'L' + str(i):>11}" for i in layers)
     print(header)
@@ -112,9 +124,23 @@ def _show(args: argparse.Namespace) -> int:
                 continue
             c = float(stats.count[i][e])
             mark = "*" if c == 0 else "~" if c < args.min_count else " "
-            cells.append(f"{_fmt(float(scores[i][e])):>10}{mark}")
+            cells.append(f"{_fmt(float(values[i][e])):>10}{mark}")
         print(f"{e:>6} " + "".join(cells))
     return 0
+
+
+def source_lines(manifest: dict) -> list[str]:
+    """One line per data source the observation read: what it was, its content fingerprint, rows and tokens
+    taken (observations made before sources were recorded have none)."""
+    lines = []
+    sources = manifest.get("data", {}).get("sources", [])
+    for s in sources if isinstance(sources, list) else []:
+        if not isinstance(s, dict):
+            continue
+        fp = str(s.get("fingerprint") or "n/a (streamed; tokens " + str(s.get("tokens_sha256", "?"))[:16] + ")")
+        lines.append(f"  source {s.get('name')}: {s.get('spec')}, fingerprint {fp[:16]}, "
+                     f"{s.get('rows')} rows read, {s.get('sequences')} sequences, {s.get('tokens')} tokens")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     obs = api.observe(args.model, args.data, tokens=args.tokens, samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir, dtype=args.dtype,
                       device=args.device, trust_remote_code=args.trust_remote_code, offload=args.offload,
-                      max_memory_gb=args.max_memory, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+                      max_memory_gb=args.max_memory, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+                      chat_template=args.chat_template, device_map=args.device_map)
     key, stats = obs.key, obs.stats
     print(f"observation {key}")
     print(f"stored in {observations_dir(args.cache_dir) / key}")

@@ -37,8 +37,10 @@ class Overlap:
 
 def find_overlaps(roles: dict[str, list[DataSource]], tokenizer: Any = None, n: int = DEFAULT_NGRAM
                   ) -> list[Overlap]:
-    """Every (earlier role, later role's source) pair with overlapping documents, in the order roles are given."""
-    docs = {role: {s.name: read_documents(s, tokenizer) for s in sources} for role, sources in roles.items()}
+    """Every (earlier role, later role's source) pair with overlapping documents, in the order roles are given.
+    Chats are compared as ``role: content`` lines whatever the tokenizer (``tokenizer`` is accepted for callers
+    and unused): overlap is in the words, and a chat without a template is refused later, where tokens are made."""
+    docs = {role: {s.name: read_documents(s) for s in sources} for role, sources in roles.items()}
     names = list(roles)
     found = []
     for i, a in enumerate(names):

@@ -8,12 +8,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint.layout import KeyLayout
 from evoreap.checkpoint.own_code import COUNTS_KEY, MODELING_FILE, OWN_AUTO_MAP, REMOTE_CLASS, render_modeling
+from evoreap.checkpoint.quant import open_quantized
 from evoreap.checkpoint.reader import CheckpointIndex, aux_file
 from evoreap.checkpoint.trust import needs_trust
 from evoreap.errors import EvoreapError, UsageError
@@ -96,7 +99,47 @@ def new_config(raw: dict[str, Any], config: Any, adapter: MoEAdapter, plan: Expo
         target[COUNTS_KEY] = {str(layer): n for layer, n in sorted(counts.items())}
         out["auto_map"] = dict(OWN_AUTO_MAP)
         out["architectures"] = [REMOTE_CLASS]
+    holder = out if "quantization_config" in out else target
+    if isinstance(holder.get("quantization_config"), dict):
+        holder["quantization_config"] = pruned_quantization_config(holder["quantization_config"], adapter, plan)
     return out
+
+
+def _renamed(names: list[Any], layout: KeyLayout, plan: ExportPlan) -> list[Any]:
+    """Module names of a quantization config after pruning: a per-expert module of a pruned layer takes its new
+    index, or disappears with its expert; patterns (``re:``, ``*``) and every other name stay as they are."""
+    out = []
+    for n in names:
+        key = layout.parse(n) if isinstance(n, str) and not n.startswith("re:") and "*" not in n else None
+        e = key.expert() if key is not None else None
+        kept = plan.kept.get(key.layer) if e is not None else None
+        if e is None or kept is None or len(kept) == plan.num_experts:
+            out.append(n)
+        elif e[0] in kept:
+            out.append(key.renumbered(kept.index(e[0])))
+    return out
+
+
+def pruned_quantization_config(qc: dict[str, Any], adapter: MoEAdapter, plan: ExportPlan) -> dict[str, Any]:
+    """The source's ``quantization_config``, kept (the quantized tensors are copied as they are) and corrected where
+    it names modules: ``ignore`` / ``modules_to_not_convert`` / exact ``targets``. A non-uniform compressed-tensors
+    export also declares its per-layer counts in compressed-tensors' ``moe_sparsity_config`` (>= 0.20)."""
+    qc = json.loads(json.dumps(qc))
+    layout = KeyLayout.of(adapter)
+    for key in ("ignore", "modules_to_not_convert"):
+        if isinstance(qc.get(key), list):
+            qc[key] = _renamed(qc[key], layout, plan)
+    for group in (qc.get("config_groups") or {}).values():
+        if isinstance(group, dict) and isinstance(group.get("targets"), list):
+            group["targets"] = _renamed(group["targets"], layout, plan)
+    if qc.get("quant_method") == "compressed-tensors":
+        if plan.uniform:
+            qc.pop("moe_sparsity_config", None)
+        else:
+            counts = plan.counts
+            qc["moe_sparsity_config"] = {"method": "prune", "num_experts": [
+                counts.get(i) for i in range(adapter.config.num_hidden_layers)]}
+    return qc
 
 
 def check_out(out: str | Path, src: str | Path, overwrite: bool, *, what: str = "--out") -> Path:
@@ -133,12 +176,16 @@ def plan_export(src: str | Path, kept: dict[int, list[int]], *, trust_remote_cod
     src = Path(src)
     read_source_config(src, trust_remote_code)
     adapter = MoEAdapter(load_config(str(src), trust_remote_code=trust_remote_code))
-    return adapter, build_plan(CheckpointIndex(src), adapter, kept)
+    index = CheckpointIndex(src)
+    open_quantized(src, index)  # a quantized source's scales are checked against its weights
+    return adapter, build_plan(index, adapter, kept)
 
 
 def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], *, meta: dict[str, Any] | None = None,
                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
-                  trust_remote_code: bool = False, follow_external_links: bool = False) -> ExportResult:
+                  trust_remote_code: bool = False, follow_external_links: bool = False,
+                  edits: Mapping[str, Callable[[Any], Any]] | None = None, quantize: str | None = None,
+                  quantize_group_size: int | None = None) -> ExportResult:
     """Write the model in ``src`` with only the ``kept`` experts to ``out``.
 
     Args:
@@ -153,6 +200,12 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         trust_remote_code: accept a source folder with custom code (which is still never copied).
         follow_external_links: copy auxiliary files (tokenizer, license, ...) that are symlinks leading out of
             ``src`` (as real files); without it such a file is refused before anything is written.
+        edits: source tensor name -> function applied to that tensor as planned (sliced to the kept experts) before
+            it is written, same dtype and shape (repaired parameters, :mod:`evoreap.recovery`); a name that is not
+            written is an error.
+        quantize: a compressed-tensors scheme (:data:`evoreap.export.quantize.SCHEMES`) that the pruned model's
+            projection weights are quantized with (a full-precision source only); None copies the source's bytes.
+        quantize_group_size: the scheme's group size (or square block) instead of its preset's 128.
     """
     t0 = time.perf_counter()
     src = real(src)
@@ -162,9 +215,26 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
     raw = read_source_config(src, trust_remote_code)
     config = load_config(str(src), trust_remote_code=trust_remote_code)
     adapter = MoEAdapter(config)
-    plan = build_plan(CheckpointIndex(src), adapter, kept)
+    index = CheckpointIndex(src)
+    quant = open_quantized(src, index, raw)  # every scale checked against its weight before anything is written
+    scheme = None
+    if quantize is not None:
+        if quant is not None:
+            raise UsageError(f"{src} is already quantized ({quant.format.label()}); export keeps its format, so drop "
+                             "--quantize (or export from the full-precision model)")
+        from evoreap.export.quantize import make_scheme  # compressed-tensors: only imported when asked for
+
+        g = quantize_group_size
+        scheme = make_scheme(quantize, group_size=g, block=(g, g) if g else None)
+    plan = build_plan(index, adapter, kept)
+    if edits:
+        plan = _with_edits(plan, edits)
     aux = {n: f for n in AUX_FILES if (f := aux_file(src, n, follow_external_links=follow_external_links))}
     meta = {"base_model": str(src), **(meta or {})}
+    if quant is not None:
+        meta.setdefault("quantization", quant.format.label())
+    if quantize is not None:
+        meta.setdefault("quantization", f"compressed-tensors {quantize.upper()} (evoreap export --quantize)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))
@@ -174,8 +244,17 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         shareable(tmp, directory=True)  # mkdtemp makes it private; the export should get the usual permissions
-        write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_shard_bytes, progress=progress)
+        written = plan.bytes_after
+        if scheme is None:
+            write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_shard_bytes, progress=progress)
+        else:
+            from evoreap.export import quantize as q
+
+            written = q.write_quantized(tmp, plan, scheme, max_shard_bytes=max_shard_bytes, progress=progress)[1]
         cfg = new_config(raw, config, adapter, plan)
+        if scheme is not None:
+            counts = None if plan.uniform else [plan.counts.get(i) for i in range(adapter.config.num_hidden_layers)]
+            cfg["quantization_config"] = q.quantization_config(scheme, q.quantized_ignore(plan), counts)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if not plan.uniform:
             (tmp / MODELING_FILE).write_text(render_modeling(adapter), encoding="utf-8")
@@ -185,21 +264,32 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         elements_after = sum(_numel(t.shape) for t in plan.tensors)
         record = export_record(architecture=adapter.name, model_type=adapter.config.model_type,
                                num_experts=adapter.num_experts, kept=plan.kept, uniform=plan.uniform,
-                               params={"before": elements_before, "after": elements_after}, meta=meta)
+                               params={"before": elements_before, "after": elements_after,
+                                       "bytes_before": plan.bytes_before, "bytes_after": written}, meta=meta)
         (tmp / "evoreap.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(record), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(record, src, raw), encoding="utf-8")
         _check_written_config(tmp, adapter, plan)
         _publish(tmp, out, src, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = ExportResult(out, plan.uniform, plan.counts, plan.kept, tuple(sorted(p.name for p in out.iterdir())),
-                          len(plan.tensors), len(plan.dropped), plan.bytes_before, plan.bytes_after,
+                          len(plan.tensors), len(plan.dropped), plan.bytes_before, written,
                           elements_before, elements_after, time.perf_counter() - t0)
     log.info("exported %s -> %s: %s, %d tensors (%d dropped), %.1f MB -> %.1f MB in %.1f s", src, out,
              "uniform" if plan.uniform else "non-uniform", result.tensors_written, result.tensors_dropped,
-             plan.bytes_before / 1e6, plan.bytes_after / 1e6, result.seconds)
+             plan.bytes_before / 1e6, written / 1e6, result.seconds)
     return result
+
+
+def _with_edits(plan: ExportPlan, edits: Mapping[str, Callable[[Any], Any]]) -> ExportPlan:
+    missing = sorted(set(edits) - {t.source.name for t in plan.tensors})
+    if missing:
+        raise EvoreapError(f"cannot apply edits to {', '.join(missing[:4])}: not written by this export (a dropped "
+                           "expert, or a name the checkpoint does not have)")
+    tensors = tuple(replace(t, transform=edits[t.source.name]) if t.source.name in edits else t
+                    for t in plan.tensors)
+    return replace(plan, tensors=tensors)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

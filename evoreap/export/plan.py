@@ -10,7 +10,10 @@ checkpoint key layout); the plan handles both on-disk expert layouts and writes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
 
 from evoreap.adapters import MoEAdapter
 from evoreap.checkpoint.layout import KeyLayout
@@ -29,6 +32,9 @@ class TensorPlan:
     action: str  # COPY | SLICE | RENUMBER
     shape: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...]
+    # Applied to the planned tensor (after slicing) before it is written: repaired routers, norms and expert
+    # scales (evoreap.recovery); same dtype and shape out as in. None: the bytes are copied as they are.
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:

@@ -13,9 +13,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from evoreap.checkpoint.reader import INDEX_NAME, copy_ranges
+from evoreap.checkpoint.reader import INDEX_NAME, TensorInfo, copy_ranges, read_tensor
+from evoreap.errors import EvoreapError
 from evoreap.export.plan import TensorPlan
 
 SINGLE_NAME = "model.safetensors"
@@ -49,6 +51,21 @@ def _header(tensors: Sequence[TensorPlan]) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # pad to 8 bytes so the data that follows is aligned
 
 
+def transformed_bytes(t: TensorPlan) -> bytes:
+    """The planned tensor ``t`` read into memory (its ranges are whole dim-0 rows), passed through ``t.transform``
+    and returned as bytes; the transform must keep dtype and shape (the header is already written)."""
+    shape = tuple(t.shape)
+    row = t.nbytes // shape[0] if shape and shape[0] else t.nbytes
+    parts = [read_tensor(TensorInfo(t.name, t.source.file, t.dtype, (n // row, *shape[1:]) if shape else (),
+                                    off, off + n)) for off, n in t.ranges]
+    tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+    out = t.transform(tensor.reshape(shape))
+    if out.dtype != tensor.dtype or tuple(out.shape) != shape:
+        raise EvoreapError(f"the edit of {t.name} changed it from {tensor.dtype} {list(shape)} to {out.dtype} "
+                           f"{list(out.shape)}; please report this")
+    return out.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def write_shard(path: Path, tensors: Sequence[TensorPlan], progress: tqdm | None = None) -> None:
     """Write one safetensors file: header, then each tensor's source ranges copied in order."""
     header = _header(tensors)
@@ -60,6 +77,13 @@ def write_shard(path: Path, tensors: Sequence[TensorPlan], progress: tqdm | None
             f.flush()
             offset = 8 + len(header)
             for t in tensors:
+                if t.transform is not None:
+                    f.seek(offset)
+                    offset += f.write(transformed_bytes(t))
+                    f.flush()
+                    if progress is not None:
+                        progress.update(t.nbytes)
+                    continue
                 src = t.source.file
                 if src not in fds:
                     fds[src] = os.open(src, os.O_RDONLY)

@@ -61,7 +61,13 @@ class Recorder:
             raise ValueError("initial statistics do not match the observed layers or domains")
         # Accumulate on each layer's device (or `device`); copies so that `initial` is never modified.
         def where(layer: MoELayer) -> torch.device:
-            return torch.device(device) if device is not None else layer.experts.down_proj.device
+            if device is not None:
+                return torch.device(device)
+            at = layer.experts.down_proj.device
+            if at.type == "meta":  # offloaded by accelerate (a device map): where its hook runs the layer
+                hook = getattr(layer.experts, "_hf_hook", None)
+                at = torch.device(getattr(hook, "execution_device", None) or "cpu")
+            return at
 
         self.acc = {f: {layer.index: getattr(start, f)[layer.index].to(where(layer), copy=True)
                         for layer in layers} for f in FIELDS}
@@ -136,6 +142,7 @@ class Recorder:
         a["max_norm"][i].scatter_reduce_(0, eid, nrm, reduce="amax", include_self=True)
         tok_dom = dom.repeat_interleave(k)[keep]
         a["domain_count"][i].view(-1).index_add_(0, tok_dom * e + eid, torch.ones_like(g))
+        a["domain_gate_norm_sum"][i].view(-1).index_add_(0, tok_dom * e + eid, g * nrm)
         # Same reduction as the stock grouped implementation: sum over the k slots of each token.
         return out.view(t, k, -1).sum(dim=1).to(hidden.dtype)
 

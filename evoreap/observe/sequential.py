@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from evoreap import preflight
 from evoreap.adapters import MoEAdapter
 from evoreap.checkpoint.layout import ROUTER_TENSORS, KeyLayout, router_key, split_router_key
+from evoreap.checkpoint.quant import open_quantized
 from evoreap.checkpoint.reader import INDEX_NAME, CheckpointIndex, read_tensor
 from evoreap.data import load_tokens
 from evoreap.errors import EvoreapError, UsageError
@@ -56,15 +57,19 @@ class CheckpointReader:
                              "safetensors shards (save the model with save_pretrained)")
         # the one checkpoint reader: validated headers, shards inside the directory, index matching its shards
         self.index = CheckpointIndex(self.path)
+        # a pre-quantized checkpoint is read as the full-precision one it encodes, dequantized tensor by tensor
+        self.quant = open_quantized(self.path, self.index)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.index.tensors
+        return name in self.quant if self.quant is not None else name in self.index.tensors
 
     def names(self) -> list[str]:
-        return list(self.index.tensors)
+        return self.quant.names() if self.quant is not None else list(self.index.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read with plain reads (no memory map stays behind)."""
+        """One tensor, read with plain reads (no memory map stays behind); dequantized when stored quantized."""
+        if self.quant is not None:
+            return self.quant.get(name)
         return read_tensor(self.index.tensors[name])
 
     def close(self) -> None:
@@ -331,15 +336,15 @@ def observe_offloaded_cached(model: str | None, data_spec: str, *, dtype: str = 
                              seq_len: int = 256, tokens: int | None = None, samples: int | None = None,
                              seed: int = 0, cache_dir: str | None = None, batch_size: int = 8,
                              trust_remote_code: bool = False, checkpoint_every: int | None = None,
-                             progress: bool = True, split: str = "calibration", max_hidden_bytes: int = 2 << 30
-                             ) -> tuple[str, ExpertStats]:
+                             progress: bool = True, split: str = "calibration", max_hidden_bytes: int = 2 << 30,
+                             chat_template: str | Path | None = None) -> tuple[str, ExpertStats]:
     """``evoreap observe --offload``: like :func:`evoreap.observe.store.observe_cached`, without ever holding more
     than one decoder layer. The cache key equals the in-memory one, so either mode reuses the other's result."""
     seq, tokenizer, info = describe_checkpoint(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                                max_hidden_bytes=max_hidden_bytes, cache_dir=cache_dir)
     path = info["path"]
     data = load_tokens(data_spec, tokenizer, split=split, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed,
-                       model_config=seq.adapter.config)
+                       model_config=seq.adapter.config, chat_template=chat_template)
     n_batches = data.num_batches(batch_size)
     loaded = LoadedModel(seq.model, tokenizer, path, seq.adapter)
 

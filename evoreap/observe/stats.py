@@ -13,10 +13,11 @@ import torch
 
 from evoreap.errors import UsageError
 
-# Per-expert fields, all float64 ``[E]`` (``domain_count`` is ``[D, E]``).
+# Per-expert fields, all float64 ``[E]`` (the per-domain ones are ``[D, E]``).
 SUM_FIELDS = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "prob_mass")
 MAX_FIELDS = ("max_norm",)
-FIELDS = SUM_FIELDS + MAX_FIELDS + ("domain_count",)
+DOMAIN_FIELDS = ("domain_count", "domain_gate_norm_sum")
+FIELDS = SUM_FIELDS + MAX_FIELDS + DOMAIN_FIELDS
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class LayerStats:
         max_norm: largest ``||f_e(x_t)||_2`` over routed tokens (0 when never routed).
         prob_mass: router probability mass over all (non-padding) tokens (soft frequency).
         domain_count: ``[D, E]`` routed-token counts per data domain.
+        domain_gate_norm_sum: ``[D, E]`` the REAP numerator (``gate_norm_sum``) per data domain, for domain-specific
+            saliency (re-injection, per-domain floors).
         tokens: non-padding tokens observed.
         domains: domain names, indexing ``domain_count``'s rows.
     """
@@ -46,6 +49,7 @@ class LayerStats:
     domain_count: torch.Tensor
     tokens: int
     domains: tuple[str, ...]
+    domain_gate_norm_sum: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -78,6 +82,7 @@ class ExpertStats:
     domains: tuple[str, ...]
     tokens: int
     domain_tokens: tuple[int, ...] = field(default=())
+    domain_gate_norm_sum: dict[int, torch.Tensor] = field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -88,7 +93,7 @@ class ExpertStats:
 
         d = max(1, len(domains))
         return cls(**{f: per_layer(lambda e: (e,)) for f in SUM_FIELDS + MAX_FIELDS},
-                   domain_count=per_layer(lambda e: (d, e)), domains=tuple(domains), tokens=0,
+                   **{f: per_layer(lambda e: (d, e)) for f in DOMAIN_FIELDS}, domains=tuple(domains), tokens=0,
                    domain_tokens=(0,) * len(domains))
 
     # -- access ---------------------------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ class ExpertStats:
     def layer(self, index: int) -> LayerStats:
         if index not in self.count:
             raise KeyError(f"layer {index} is not an observed MoE layer ({list(self.layers)})")
-        return LayerStats(index=index, **{f: getattr(self, f)[index] for f in FIELDS}, tokens=self.tokens,
+        return LayerStats(index=index, **{f: getattr(self, f).get(index) for f in FIELDS}, tokens=self.tokens,
                           domains=self.domains)
 
     # -- algebra --------------------------------------------------------------------------------------------------
@@ -115,7 +120,7 @@ class ExpertStats:
                 raise UsageError(f"cannot merge statistics of different models: layer {i} has "
                                  f"{self.count[i].numel()} vs {other.count[i].numel()} experts")
         out = {f: {i: getattr(self, f)[i] + getattr(other, f)[i] for i in self.layers}
-               for f in SUM_FIELDS + ("domain_count",)}
+               for f in SUM_FIELDS + DOMAIN_FIELDS}
         out["max_norm"] = {i: torch.maximum(self.max_norm[i], other.max_norm[i]) for i in self.layers}
         dt = tuple(a + b for a, b in zip(self.domain_tokens, other.domain_tokens))
         return ExpertStats(**out, domains=self.domains, tokens=self.tokens + other.tokens, domain_tokens=dt)
@@ -125,7 +130,8 @@ class ExpertStats:
         statistic, and which fields are; None when all are finite."""
         for i in self.layers:
             bad = {f: ~torch.isfinite(getattr(self, f)[i]) for f in FIELDS}
-            bad["domain_count"] = bad["domain_count"].reshape(-1, self.count[i].numel()).any(0)
+            for f in DOMAIN_FIELDS:
+                bad[f] = bad[f].reshape(-1, self.count[i].numel()).any(0)
             per_expert = torch.stack([bad[f] for f in FIELDS]).any(0)
             if bool(per_expert.any()):
                 e = int(per_expert.nonzero()[0, 0])

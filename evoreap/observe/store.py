@@ -17,6 +17,7 @@ point leaves either the previous state or the next one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,15 +35,16 @@ from tqdm.auto import tqdm
 
 from evoreap.version import __version__
 from evoreap.checkpoint.layout import ROUTER_TENSORS, router_key
+from evoreap.checkpoint.quant import quant_label
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import cache_root, sha256_file, sha256_json, shareable, write_json_atomic
 from evoreap.fingerprint import weights_fingerprint
 from evoreap.observe.recorder import observe
-from evoreap.observe.stats import FIELDS, ExpertStats
+from evoreap.observe.stats import DOMAIN_FIELDS, FIELDS, ExpertStats
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the model fingerprint covers all weights; layer files are checked against it
+SCHEMA_VERSION = 3  # 2: the model fingerprint covers all weights; 3: per-domain REAP sums
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 # Config entries that do not change what the model computes (or that the key records separately).
@@ -285,7 +287,7 @@ def _layer_problem(part: dict[str, torch.Tensor], meta: dict[str, str], index: i
         return f"count has shape {list(part['count'].shape)}, not [experts]"
     for f in FIELDS:
         t = part[f]
-        want = [domains, experts] if f == "domain_count" else [experts]
+        want = [domains, experts] if f in DOMAIN_FIELDS else [experts]
         if t.dtype != torch.float64 or list(t.shape) != want:
             return f"{f} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, not float64 {want}"
         if not bool(torch.isfinite(t).all()):
@@ -396,9 +398,13 @@ def model_info(path: str | Path, adapter, routers: dict[str, torch.Tensor], toke
                weights: str | None = None) -> dict[str, Any]:
     """Identity and fingerprint of a model run in ``dtype`` (the ``model`` record of an observation); ``weights``
     is the fingerprint of all its weights (:mod:`evoreap.fingerprint`)."""
-    return {"path": str(path), "architecture": adapter.name, "model_type": adapter.config.model_type,
+    info = {"path": str(path), "architecture": adapter.name, "model_type": adapter.config.model_type,
             "dtype": str(dtype).replace("torch.", ""),
             "fingerprint": model_fingerprint(adapter.config, routers, tokenizer, weights)}
+    quant = quant_label(adapter.config)
+    if quant is not None:  # a pre-quantized source, dequantized to ``dtype``: never mixed with a bf16 observation
+        info["quantization"] = quant
+    return info
 
 
 def describe_model(loaded, cache_dir: str | Path | None = None) -> dict[str, Any]:
@@ -436,6 +442,8 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
     info = model_info if model_info is not None else describe_model(loaded, cache_dir)
     experts = {layer.index: layer.num_experts for layer in loaded.adapter.layers(loaded.model)}
     settings = {"dtype": info["dtype"], "batch_size": batch_size}
+    if info.get("quantization"):
+        settings["quantization"] = info["quantization"]
     fps = data_fingerprints(data)
     key = observation_key(info["fingerprint"]["sha256"], fps, data.seq_len, settings)
     root = observations_dir(cache_dir)
@@ -481,7 +489,9 @@ def observe_cached(loaded, data, *, cache_dir: str | Path | None = None, batch_s
         "model": info,
         "data": {"domains": list(data.domains), "fingerprints": fps, "source_fingerprints": dict(data.fingerprints),
                  "file_hashes": dict(data.file_hashes), "sequences": len(data), "seq_len": data.seq_len,
-                 "seed": seed},
+                 "seed": seed,
+                 # per source: spec, content fingerprint, rows read, sequences and tokens taken (comparability)
+                 "sources": [dataclasses.asdict(r) for r in getattr(data, "sources", ())]},
         "settings": settings,
     }
     write_observation(final, stats, manifest)

@@ -21,6 +21,8 @@ from typing import Any
 from evoreap.criteria import DEFAULT_CRITERION
 from evoreap.errors import SettingError, UsageError
 from evoreap.files import write_json_atomic
+from evoreap.recovery.floors import parse_floors
+from evoreap.recovery.repair import PARAM_SETS
 from evoreap.search.samplers import SAMPLERS
 from evoreap.search.storage import mask_url
 
@@ -48,6 +50,12 @@ class SearchConfig:
                                       group="model")
     device: str = setting("cpu", "torch device, e.g. cpu, cuda, cuda:1", group="model")
     dtype: str = setting("float32", "compute dtype: float32, bfloat16 or float16", group="model")
+    device_map: str | None = setting(None, "place the model through accelerate: auto, balanced, balanced_low_0, "
+                                           "sequential, or a JSON file of module -> device (an index, cpu, disk); "
+                                           "None: all on --device", group="model", metavar="MAP")
+    max_memory: str | None = setting(None, "memory for the model's weights with --device-map: GB on --device "
+                                           "(e.g. 2), or DEVICE=SIZE pairs (0=20GiB,cpu=60GiB); the rest is "
+                                           "offloaded to disk", group="model", metavar="MEM")
     seed: int = setting(0, "seed for data order, sampling and the search", group="model")
     # -- budget (give one) ------------------------------------------------------------------------------------------
     budget: float | None = setting(None, "fraction of routed-expert parameters kept, in (0, 1]", group="budget",
@@ -76,6 +84,16 @@ class SearchConfig:
     trials: int | None = setting(None, "stop after this many scored trials", group="search")
     time_limit: float | None = setting(None, "stop after this many seconds", group="search")
     token_budget: int | None = setting(None, "stop after scoring this many tokens", group="search")
+    engine: str = setting("population", "how candidates are scored: population (a whole stage layer by layer, "
+                                        "shared prefixes computed once) or single (one masked forward each); same "
+                                        "values", group="search", choices=("population", "single"))
+    state_cache_gb: float = setting(1.0, "memory for hidden states the population engine keeps across "
+                                         "generations, in GB (0: none)", group="search", metavar="GB")
+    floor: str | None = setting(None, "per-domain floors, DOMAIN:PROXY=BOUND comma-separated (e.g. "
+                                      "tools:esap=0.95,code:kl=0.2): candidates that miss one are infeasible",
+                                group="search", metavar="FLOORS")
+    repair: str | None = setting(None, "repair the best allocation at the end (evoreap repair): router, router+norm, "
+                                       "router+scale or router+norm+scale", group="run", metavar="PARAMS")
     # -- data -------------------------------------------------------------------------------------------------------
     data: str = setting("demo", "search data spec (split 'search' for bundled domains)", group="data")
     calib_data: str = setting("demo", "calibration data for saliency (split 'calibration')", group="data")
@@ -86,6 +104,9 @@ class SearchConfig:
     batch_size: int = setting(8, "sequences per forward pass", group="data")
     reference_top_k: int = setting(64, "top-K log-probs of the unpruned model cached for kl/esap", group="data")
     allow_overlap: bool = setting(False, "run even if calibration/search/held-out data overlap", group="data")
+    chat_template: str | None = setting(None, "Jinja chat template file for chat ('messages') records (None: the "
+                                              "tokenizer's own; chats on a tokenizer without one are refused)",
+                                        group="data", metavar="FILE")
     # -- run --------------------------------------------------------------------------------------------------------
     run: str | None = setting(None, "run name (None: model, budget and time; an unfinished run with the same "
                                     "settings is resumed)", group="run")
@@ -119,6 +140,8 @@ class SearchConfig:
         for name, low in (("generations", 0), ("population", 1), ("offspring", 1)):
             if getattr(self, name) < low:
                 raise SettingError(name, f"{{name}} must be >= {low}, got {getattr(self, name)}")
+        if not 0.0 <= self.state_cache_gb < math.inf:
+            raise SettingError("state_cache_gb", f"{{name}} must be a size in GB >= 0, got {self.state_cache_gb}")
         if not 0.0 <= self.guided <= 1.0:
             raise SettingError("guided", f"{{name}} is a share of mutations, in [0, 1]; got {self.guided}")
         if self.time_limit is not None and not 0 < self.time_limit < math.inf:
@@ -131,6 +154,13 @@ class SearchConfig:
             raise SettingError("survivors", f"{{name}} needs two counts, the second not larger, got {list(s)}")
         if not SAMPLERS.find(self.sampler):
             raise SettingError("sampler", f"{{name}}: {SAMPLERS.unknown_message(self.sampler)}")
+        if self.floor:
+            try:
+                parse_floors(self.floor)
+            except UsageError as e:
+                raise SettingError("floor", f"{{name}}: {e}") from None
+        if self.repair is not None and self.repair not in PARAM_SETS:
+            raise SettingError("repair", f"{{name}} {self.repair!r} is not one of {', '.join(PARAM_SETS)}")
         if self.worker and self.run is None:  # else a worker elsewhere would make a run of its own and wait on it
             raise SettingError("worker", "{name} needs --run NAME: the run name the leader logs on its set-up line")
 

@@ -7,6 +7,7 @@ The contamination guard runs first: an allocation fitted to some data (its ``met
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ import torch
 from evoreap.allocation import Allocation, meta_text, read_json
 from evoreap.data import load_tokens
 from evoreap.data.guard import check_overlap
-from evoreap.data.loader import check_seq_len
+from evoreap.data.loader import check_data, check_seq_len
 from evoreap.errors import UsageError
-from evoreap.harness import run_harness  # imports lm_eval only when it runs
+from evoreap.harness import check_chat_template, harness_run  # imports lm_eval only when it runs
 from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
 from evoreap.masking import masked
-from evoreap.models import LoadedModel, load_config, load_model
+from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer
 from evoreap.pipeline.choose import choose_experts
+from evoreap.observe.store import load_observation
+from evoreap.recovery.store import Repair, applied
 from evoreap.reference import reference_cached
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class EvaluationResult:
     results: dict[str, Any]
     generations: dict[str, Any] = field(default_factory=dict)
     lm_eval: dict[str, Any] | None = None
+    lm_eval_output: dict[str, Any] | None = field(default=None, repr=False)  # lm-eval's own document per model
 
     def as_dict(self) -> dict[str, Any]:
         out = {"model": self.model, "data": self.data, "tokens": self.tokens, "results": self.results,
@@ -67,9 +71,14 @@ def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation |
                     batch_size: int = 8, reference_top_k: int = 64, criterion: str | None = None,
                     observation: str | None = None, cache_dir: str | None = None, generate_tokens: int = 0,
                     allow_overlap: bool = False, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                    trust_remote_code: bool = False, harness: Any = None) -> EvaluationResult:
+                    trust_remote_code: bool = False, harness: Any = None,
+                    chat_template: str | Path | None = None, repair: Repair | None = None,
+                    device_map: str | dict | None = None, max_memory: str | float | dict | None = None
+                    ) -> EvaluationResult:
     """Score the unpruned model and the pruned one (``allocation`` under router masks, or the export in ``pruned``)
-    on ``data`` (split ``heldout``). ``harness`` is ``(settings, task manager)`` from :mod:`evoreap.harness`."""
+    on ``data`` (split ``heldout``). ``harness`` is ``(settings, task manager)`` from :mod:`evoreap.harness`;
+    ``chat_template`` a Jinja template file for chat records. The data, the observation and the model's config
+    are checked before any weight is read."""
     if (allocation is None) == (pruned is None):
         raise UsageError("evaluate one pruned model: give an allocation or an exported directory, not both")
     meta, where = pruning_meta(allocation, pruned)
@@ -80,34 +89,60 @@ def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation |
         check_overlap({**fitted, "evaluation": (data, "heldout")}, allow=allow_overlap)
         if harness and harness[0].uses_demo_tasks:
             check_overlap({**fitted, "lm-eval demo task": ("demo", "heldout")}, allow=allow_overlap)
+    if observation is not None:  # a wrong key fails before the model is loaded
+        load_observation(observation, cache_dir=cache_dir)
     if not isinstance(model, LoadedModel):
         model = model or meta_text(meta, "model", where)
         check_seq_len(seq_len, load_config(model, trust_remote_code=trust_remote_code))  # before any weight
-        model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        name = model
+        check_data(data, "heldout", chat_template=chat_template,
+                   tokenizer=lambda: load_tokenizer(name, trust_remote_code=trust_remote_code))
+        if harness:  # --apply-chat-template on a tokenizer without a template: refused before any weight is read
+            check_chat_template(harness[0], lambda: load_tokenizer(name, trust_remote_code=trust_remote_code))
+        model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           device_map=device_map, max_memory=max_memory)
     loaded = model
+    if harness:  # a model loaded by the caller: still refused before any scoring
+        check_chat_template(harness[0], lambda: loaded.tokenizer)
     if allocation is not None:  # a bad allocation fails before any reference is computed and cached
         chosen = choose_experts(allocation, loaded.adapter, loaded, criterion=criterion, observation=observation,
                                 cache_dir=cache_dir)
         masks = _masks(loaded, chosen.kept)
-        cand = Candidate("pruned (masked)", loaded.model, loaded.adapter, masks)
+        if repair is not None:  # refused before any reference is built if fitted to other experts or weights
+            repair.check(loaded.model, chosen.kept)
+        # a repaired candidate computes with other weights than the reference's model: exported=True checks data only
+        cand = Candidate("pruned (masked, repaired)" if repair is not None else "pruned (masked)", loaded.model,
+                         loaded.adapter, masks, exported=repair is not None)
     else:
-        other = load_model(str(pruned), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        other = load_model(str(pruned), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           device_map=device_map, max_memory=max_memory)
         cand = Candidate("pruned (exported)", other.model, other.adapter, exported=True)
     tok = loaded.tokenizer
     held = load_tokens(data, tok, split="heldout", seq_len=seq_len, tokens=tokens, seed=seed,
-                       model_config=loaded.adapter.config)
+                       model_config=loaded.adapter.config, chat_template=chat_template)
     reference = reference_cached(loaded.model, held, top_k=reference_top_k, cache_dir=cache_dir,
                                  batch_size=batch_size)
     full = Candidate("unpruned", loaded.model, loaded.adapter)
-    rows = {c.name: as_row(score(c, held, reference, batch_size)) for c in (full, cand)}
+
+    def under(c: Candidate):  # the repaired parameters, for the masked pruned candidate only
+        return applied(loaded.model, repair, check=False) if c is cand and repair is not None else nullcontext()
+
+    rows = {}
+    for c in (full, cand):
+        with under(c):
+            rows[c.name] = as_row(score(c, held, reference, batch_size, progress=True))
     gens = {}
     if generate_tokens > 0:
         for domain, prompt in prompts_for(held, tok).items():
-            gens[domain] = {"prompt": prompt, **{c.name: generate(c, tok, prompt, generate_tokens)
-                                                 for c in (full, cand)}}
-    lm = _lm_eval((full, cand), tok, *harness) if harness else None
+            gens[domain] = {"prompt": prompt}
+            for c in (full, cand):
+                with under(c):
+                    gens[domain][c.name] = generate(c, tok, prompt, generate_tokens)
+    runs = _lm_eval((full, cand), tok, *harness, under=under) if harness else None
+    lm = {name: r.metrics for name, r in runs.items()} if runs else None
+    output = {name: r.output for name, r in runs.items()} if runs else None
     spec = data if isinstance(data, str) else "dataset"
-    return EvaluationResult(str(loaded.path), spec, held.num_tokens, rows, gens, lm)
+    return EvaluationResult(str(loaded.path), spec, held.num_tokens, rows, gens, lm, output)
 
 
 def _masks(loaded: LoadedModel, kept: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -116,11 +151,11 @@ def _masks(loaded: LoadedModel, kept: dict[int, list[int]]) -> dict[int, torch.T
             for layer, idx in kept.items() if len(idx) < e}
 
 
-def _lm_eval(candidates, tokenizer, settings, manager) -> dict:
-    """lm-eval metrics per task, for each candidate (a masked one under its masks)."""
+def _lm_eval(candidates, tokenizer, settings, manager, under=lambda c: nullcontext()) -> dict:
+    """lm-eval metrics per task, for each candidate (a masked one under its masks, and ``under(candidate)``)."""
     results = {}
     for cand in candidates:
         log.info("lm-eval %s on %s", ",".join(settings.tasks), cand.name)
-        with masked(cand.model, cand.adapter, cand.masks or {}):
-            results[cand.name] = run_harness(cand.model, tokenizer, settings, manager)
+        with under(cand), masked(cand.model, cand.adapter, cand.masks or {}):
+            results[cand.name] = harness_run(cand.model, tokenizer, settings, manager)
     return results

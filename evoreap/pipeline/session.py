@@ -20,20 +20,26 @@ from tqdm.auto import tqdm
 
 from evoreap.adapters import MoEAdapter
 from evoreap.allocation import Allocation, keep_masks, kept_experts
+from evoreap.checkpoint.quant import expert_stored_bits
 from evoreap.criteria import DEFAULT_MIN_COUNT, get_criterion, score_experts
 from evoreap.data import TokenData, load_tokens
 from evoreap.data.guard import check_overlap
-from evoreap.data.loader import check_seq_len
+from evoreap.data.loader import check_data, check_seq_len
 from evoreap.errors import SettingError, UsageError
 from evoreap.export import ExportResult, export_pruned
 from evoreap.export.core import check_out
 from evoreap.files import check_destination, check_writable_dir
-from evoreap.models import LoadedModel, load_config, load_model, resolve_model
+from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer, resolve_model
 from evoreap.observe.store import cache_root, observe_cached
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.report import write_report
+from evoreap.recovery.repair import RepairSettings, fit_repair
+from evoreap.recovery.store import Repair, applied, export_edits, storage_dtype
+from evoreap.recovery.floors import Floor, domain_seeds, floor_proxies, parse_floors, penalized
+from evoreap.recovery.floors import constraints as floor_constraints
 from evoreap.pipeline.rundir import RunDir, default_run_name, find_unfinished, identity_hash
 from evoreap.proxies import evaluate, get_proxy, loss_value, parse_proxy_weights, token_order
+from evoreap.proxies.population import PopulationEvaluator, StateCache
 from evoreap.reference import model_fingerprint, reference_cached
 from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
 from evoreap.search.evolution import layer_mass_curves
@@ -64,6 +70,8 @@ class SearchSession:
     observation_key: str
     heldout: TokenData
     stats: Any
+    population: PopulationEvaluator | None = None  # made on first use by stage_scorer
+    floors: tuple[Floor, ...] = ()  # --floor: per-domain bounds, candidates that miss one are infeasible
 
     # -- set-up -----------------------------------------------------------------------------------------------------
     @classmethod
@@ -91,9 +99,12 @@ class SearchSession:
         check_seq_len(config.seq_len, adapter.config)  # longer than the model's positions: refused before any weight
         space_settings = load_space_settings(config.space)
 
+        # a pre-quantized source: --budget-gb counts the bytes it stores per routed-expert weight (with scales)
+        stored_bits = expert_stored_bits(config.model, adapter) if config.budget_gb is not None else None
+
         def build(sizes: tuple[int, ...] | None = None) -> SearchSpace:
             budget = Budget.resolve(adapter, fraction=config.budget, params=config.budget_params, gb=config.budget_gb,
-                                    bits=config.bits, params_per_expert=sizes)
+                                    bits=config.bits, params_per_expert=sizes, stored_bits=stored_bits)
             return SearchSpace.build(adapter, space_settings, budget, params_per_expert=sizes)
 
         space = build()  # from the config's expert size: exact unless layers differ (checked once loaded)
@@ -104,24 +115,31 @@ class SearchSession:
         # Then every destination (run directory, cache, storage, --export) and the database: still nothing is
         # created or loaded, so a mistake here leaves nothing behind.
         check_destinations(config, loaded)
+        # The data (paths, domains, first records, a chat template where chats need one) before any weight is read
+        tokenizer = (lambda: loaded.tokenizer) if loaded is not None else (
+            lambda: load_tokenizer(config.model, trust_remote_code=config.trust_remote_code))
+        for role, split in (("calib_data", "calibration"), ("data", "search"), ("heldout_data", "heldout")):
+            check_data(spec(role), split, chat_template=config.chat_template, tokenizer=tokenizer)
         if config.worker:
             torch.set_num_threads(1)
 
         if loaded is None:
             loaded = load_model(config.model, dtype=config.dtype, device=config.device,
-                                trust_remote_code=config.trust_remote_code)
+                                trust_remote_code=config.trust_remote_code, device_map=config.device_map,
+                                max_memory=config.max_memory)
         sizes = adapter.expert_params_per_layer(loaded.model)
         if len(set(sizes)) > 1:  # layers of unequal expert size: the budget and the space in real parameters
             space = build(sizes)
         tok = loaded.tokenizer
         overlaps = _guard_overlap(config, tok, spec)
         calib = load_tokens(spec("calib_data"), tok, split="calibration", seq_len=config.seq_len,
-                            tokens=config.calib_tokens, seed=config.seed)
+                            tokens=config.calib_tokens, seed=config.seed, chat_template=config.chat_template)
         # a row of L tokens scores L-1 next-token positions: load enough rows for the top fidelity
         search = load_tokens(spec("data"), tok, split="search", seq_len=config.seq_len, seed=config.seed,
-                             samples=-(-settings.fidelities[-1] // max(config.seq_len - 1, 1)))
+                             samples=-(-settings.fidelities[-1] // max(config.seq_len - 1, 1)),
+                             chat_template=config.chat_template)
         heldout = load_tokens(spec("heldout_data"), tok, split="heldout", seq_len=config.seq_len,
-                              tokens=config.heldout_tokens, seed=config.seed)
+                              tokens=config.heldout_tokens, seed=config.seed, chat_template=config.chat_template)
         if weights:
             unknown = sorted(set(weights) - set(search.domains))
             if unknown:
@@ -136,6 +154,8 @@ class SearchSession:
             "seed": config.seed, "seq_len": config.seq_len, "reference_top_k": config.reference_top_k,
             "calibration": calib.fingerprints, "search": search.fingerprints, "heldout": heldout.fingerprints,
         }
+        if config.floor:  # floors change trial values; runs without one keep their identity
+            identity["floor"] = config.floor
         identity = _jsonable(identity)
         runs_dir = Path(config.runs_dir)
         name = config.run
@@ -153,7 +173,8 @@ class SearchSession:
         mass = score_experts(stats, "reap_x_frequency", min_count=0)
         curves = layer_mass_curves(space, mass)
         reference = None
-        if proxy.needs_reference:
+        floors = parse_floors(config.floor)
+        if proxy.needs_reference or any(get_proxy(f.proxy).needs_reference for f in floors):
             reference = reference_cached(loaded.model, search, top_k=config.reference_top_k, cache_dir=config.cache_dir,
                                          batch_size=config.batch_size, progress=not config.worker)
         storage = open_storage(storage_url)
@@ -172,7 +193,7 @@ class SearchSession:
                  adapter.name, len(space.layers), adapter.num_experts, space.budget.described, space.total,
                  space.uniform[0] if len(set(space.uniform)) == 1 else list(space.uniform), run.path, time.time() - t0)
         return cls(config, loaded, space, settings, run, storage_url, study, search, scores, curves, reference,
-                   token_order(search, config.seed), weights, key, heldout, stats)
+                   token_order(search, config.seed), weights, key, heldout, stats, floors=floors)
 
     # -- scoring ----------------------------------------------------------------------------------------------------
     def masks_for(self, counts: tuple[int, ...], scores: dict[int, torch.Tensor] | None = None):
@@ -181,17 +202,54 @@ class SearchSession:
 
     def scorer(self, counts: tuple[int, ...], tokens: int) -> tuple[float, dict[str, Any]]:
         result = evaluate(self.loaded.model, self.loaded.adapter, self.masks_for(counts), self.search_data,
-                          proxies=_proxies(self.config.proxy), reference=self.reference, order=self.order,
-                          n_tokens=tokens, batch_size=self.config.batch_size)
+                          proxies=_proxies(self.config.proxy, self.floors), reference=self.reference,
+                          order=self.order, n_tokens=tokens, batch_size=self.config.batch_size)
         value = loss_value(result, self.config.proxy, self.weights)
-        return value, {"values": result.values, "per_domain": result.per_domain, "scored_tokens": result.tokens,
-                       "routed_params": self.space.routed_params(counts)}
+        return self._floored(value, result, {"values": result.values, "per_domain": result.per_domain,
+                                             "scored_tokens": result.tokens,
+                                             "routed_params": self.space.routed_params(counts)})
+
+    def _floored(self, value: float, result: Any, attrs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """With --floor: the floors' violations as Optuna constraints (``attrs["constraints"]``, read by the
+        driver), and an infeasible candidate's value penalised so that it ranks after every feasible one."""
+        if not self.floors:
+            return value, attrs
+        violations = floor_constraints(self.floors, result.per_domain)
+        return penalized(value, violations), {**attrs, "constraints": violations, "unpenalised": value}
+
+    def stage_scorer(self, requests: list[tuple[tuple[int, ...], int]], progress: Any = None
+                     ) -> list[tuple[float, dict[str, Any]]]:
+        """Score a group of (allocation, tokens) requests together with the population engine (shared prefixes and
+        hidden states kept across generations); the same values as :meth:`scorer` gives one by one."""
+        if self.population is None:
+            cache = StateCache(int(self.config.state_cache_gb * 2**30))
+            self.population = PopulationEvaluator(self.loaded.model, self.loaded.adapter, self.search_data,
+                                                  reference=self.reference, order=self.order,
+                                                  batch_size=self.config.batch_size, cache=cache)
+        out: list[tuple[float, dict[str, Any]] | None] = [None] * len(requests)
+        by_tokens: dict[int, list[int]] = {}
+        for i, (_, tokens) in enumerate(requests):
+            by_tokens.setdefault(tokens, []).append(i)
+        for tokens, idx in by_tokens.items():
+            results = self.population.score([self.masks_for(requests[i][0]) for i in idx],
+                                            proxies=_proxies(self.config.proxy, self.floors), n_tokens=tokens,
+                                            progress=progress)
+            for i, result in zip(idx, results):
+                counts = requests[i][0]
+                out[i] = self._floored(loss_value(result, self.config.proxy, self.weights), result,
+                                       {"values": result.values, "per_domain": result.per_domain,
+                                        "scored_tokens": result.tokens,
+                                        "routed_params": self.space.routed_params(counts)})
+        return out
+
+    def _stage_scorer(self):
+        return self.stage_scorer if self.config.engine == "population" else None
 
     # -- roles ------------------------------------------------------------------------------------------------------
     def work(self) -> None:
         """A worker: score queued trials until the leader marks the study done."""
         while not self.study.user_attrs.get("done"):
-            if work_queue(self.study, self.space, self.scorer) == 0:
+            if work_queue(self.study, self.space, self.scorer, self._stage_scorer(), group=self._group()) == 0:
                 time.sleep(0.1)
             self.study = optuna.load_study(study_name=self.study.study_name, storage=self.study._storage)
 
@@ -199,11 +257,38 @@ class SearchSession:
         fail_dead_trials(self.study)
         self.study.set_user_attr("done", False)
         s = self.settings
-        bar = tqdm(total=s.generations, desc="search", unit="gen", disable=self.config.quiet)
+        # generation 0 (the seeds) is one step of the bar; within a generation it moves with the tokens scored, as a
+        # share of what a generation scores at most (every child at stage 1, the survivors at stages 2 and 3)
+        bar = tqdm(total=s.generations + 1, desc="search", unit="gen", disable=self.config.quiet,
+                   bar_format="{l_bar}{bar}| {n:.2f}/{total} gen [{elapsed}<{remaining}{postfix}]")
+        per_gen = s.offspring * s.fidelities[0] + sum(k * f for k, f in zip(s.survivors, s.fidelities[1:]))
+        state: dict[str, Any] = {"generation": 0, "spent": 0, "done": 0, "best": None}
+
+        def show(**post: Any) -> None:
+            if state["best"] is not None:
+                post["best"] = f"{state['best']:.4g}"
+            bar.set_postfix(post, refresh=False)
+            bar.refresh()
+
+        def on_stage(info: dict[str, Any]) -> None:
+            gen = info.get("generation") or 0
+            if gen != state["generation"]:
+                state.update(generation=gen, spent=0, done=0)
+            if info.get("finished"):
+                state["spent"] += state["done"]
+                state["done"] = 0
+                return
+            state["done"] = info["tokens_done"]
+            expected = info["tokens_total"] if gen == 0 else per_gen
+            bar.n = gen + min(0.99, (state["spent"] + state["done"]) / max(1, expected))
+            show(stage=f"gen {gen} stage {info.get('stage')}",
+                 scored=f"{info['tokens_done'] / 1e3:.0f}k/{info['tokens_total'] / 1e3:.0f}k tok")
 
         def progress(info: dict[str, Any]) -> None:
-            bar.update(1)
-            bar.set_postfix(best=f"{info['best']:.4g}", tokens=f"{info['tokens'] / 1e6:.2f}M", trials=info["trials"])
+            state["best"] = info["best"]
+            # the evolution reports each generation; an Optuna sampler every offspring/2 trials
+            bar.n = info["generation"] + 1 if self.config.sampler == "evolution" else min(bar.total, int(bar.n) + 1)
+            show(tokens=f"{info['tokens'] / 1e6:.2f}M", trials=info["trials"])
 
         limits = SearchLimits(trials=self.config.trials, time_limit=self.config.time_limit,
                               token_budget=self.config.token_budget)
@@ -211,7 +296,8 @@ class SearchSession:
         try:
             if self.config.sampler == "evolution":
                 result = Leader(self.study, self.space, self.scorer, s, self.curves, limits,
-                                on_progress=progress).run()
+                                on_progress=progress, stage_scorer=self._stage_scorer(), group=self._group(),
+                                on_stage=on_stage, extra_seeds=self.check_floors()).run()
             else:
                 result = optuna_sampler_search(self.study, self.space, self.scorer, self.config.sampler, s, limits,
                                                on_progress=progress)
@@ -221,27 +307,91 @@ class SearchSession:
         result["seconds"] = round(time.time() - t0, 1)
         return self.finish(result)
 
+    def _repair_best(self, kept: dict[int, list[int]], heldout_ref: Any) -> tuple[Repair, dict[str, Any]]:
+        """--repair: fit the best allocation's repair (calibration text, early stopping on the search data), store
+        it beside best_allocation.json, and score it on held-out data."""
+        cfg, model, adapter = self.config, self.loaded.model, self.loaded.adapter
+        fit = load_tokens(cfg.calib_data, self.loaded.tokenizer, split="calibration", seq_len=cfg.seq_len,
+                          tokens=min(cfg.calib_tokens, 16384), seed=cfg.seed)
+        settings = RepairSettings(params=cfg.repair, seed=cfg.seed)
+
+        def ref_of(data: TokenData) -> Any:
+            return reference_cached(model, data, top_k=cfg.reference_top_k, cache_dir=cfg.cache_dir,
+                                    batch_size=cfg.batch_size, progress=not cfg.quiet)
+
+        path = self.run.path / "best_allocation.repair.safetensors"
+        repair = fit_repair(model, adapter, kept, fit, self.search_data,
+                            stop_reference=self.reference if self.reference is not None else ref_of(self.search_data),
+                            fit_reference=ref_of(fit), settings=settings,
+                            storage_dtype=storage_dtype(self.loaded.path, adapter, next(model.parameters()).dtype),
+                            checkpoint=self.run.path / ".repair.partial", progress=not cfg.quiet)
+        repair.save(path)
+        masks = {i: torch.zeros(adapter.num_experts, dtype=torch.bool).index_fill_(0, torch.tensor(k), True)
+                 for i, k in kept.items() if len(k) < adapter.num_experts}
+        with applied(model, repair, kept):
+            r = evaluate(model, adapter, masks, self.heldout, proxies=("nll", "kl", "esap"), reference=heldout_ref,
+                         batch_size=cfg.batch_size, other_model=True)
+        log.info("repair (%s): search-split KL %.4f -> %.4f (%s), held-out NLL %.4f; wrote %s", cfg.repair,
+                 repair.meta["search"]["kl_before"], repair.meta["search"]["kl_after"],
+                 "kept" if repair.accepted else "rejected", r.values["nll"], path)
+        return repair, {"values": r.values, "per_domain": r.per_domain, "tokens": r.tokens}
+
+    def check_floors(self) -> dict[str, tuple[int, ...]]:
+        """Before the search: one seed per floored domain (the analytic allocation from that domain's saliency),
+        and each floor checked on the seeds at full fidelity; a floor that none of them meets is reported with the
+        best value they reach (the search then treats candidates that miss it as infeasible). Returns the seeds."""
+        if not self.floors:
+            return {}
+        seeds = {"uniform": self.space.uniform, **domain_seeds(self.space, self.stats, self.floors)}
+        checked = {name: self.scorer(c, self.settings.fidelities[-1])[1] for name, c in seeds.items()}
+        for f in self.floors:
+            best_name = min(checked, key=lambda n: checked[n]["constraints"][f.name])
+            worst = checked[best_name]["constraints"][f.name]
+            value = checked[best_name]["per_domain"][f.domain][f.proxy]
+            if worst > 0:
+                log.warning("floor %s is not met by any seed at budget %s: the best reaches %.4f (seed %s); it may be "
+                            "unreachable at this budget", f.describe(), self.space.budget.described, value, best_name)
+            else:
+                log.info("floor %s: met by seed %s (%.4f)", f.describe(), best_name, value)
+        self.run.write("floors.json", {"floors": [f.describe() for f in self.floors],
+                                       "seeds": {n: {"counts": list(seeds[n]), "constraints": v["constraints"],
+                                                     "per_domain": v["per_domain"]} for n, v in checked.items()}})
+        return {n: c for n, c in seeds.items() if n != "uniform"}
+
+    def _group(self) -> int | None:
+        """Trials one process takes at a time: all waiting ones alone, a share when local workers help."""
+        if self.config.workers <= 1:
+            return None
+        return max(1, -(-self.settings.offspring // self.config.workers))
+
     # -- the end ----------------------------------------------------------------------------------------------------
     def finish(self, result: dict[str, Any]) -> SearchResult:
         space, adapter = self.space, self.loaded.adapter
         best, uniform = tuple(result["best"]), space.uniform
         heldout = self.heldout
         ref = reference_cached(self.loaded.model, heldout, top_k=self.config.reference_top_k,
-                               cache_dir=self.config.cache_dir, batch_size=self.config.batch_size, progress=False)
+                               cache_dir=self.config.cache_dir, batch_size=self.config.batch_size,
+                               progress=not self.config.quiet)
         names = ("nll", "kl", "esap")
-        rows = {"unpruned": evaluate(self.loaded.model, adapter, None, heldout, proxies=names, reference=ref,
-                                     batch_size=self.config.batch_size)}
-        rows[f"uniform ({self.config.criterion})"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform),
-                                                             heldout, proxies=names, reference=ref,
-                                                             batch_size=self.config.batch_size)
+        candidates = {"unpruned": None, f"uniform ({self.config.criterion})": self.masks_for(uniform)}
         for baseline in ("reap", "frequency"):  # the usual uniform baselines, beside the chosen criterion's
             if baseline != self.config.criterion:
-                other = _scores(self.stats, self.config, baseline)
-                rows[f"uniform ({baseline})"] = evaluate(self.loaded.model, adapter, self.masks_for(uniform, other),
-                                                         heldout, proxies=names, reference=ref,
-                                                         batch_size=self.config.batch_size)
-        rows["searched"] = evaluate(self.loaded.model, adapter, self.masks_for(best), heldout, proxies=names,
-                                    reference=ref, batch_size=self.config.batch_size)
+                candidates[f"uniform ({baseline})"] = self.masks_for(uniform, _scores(self.stats, self.config,
+                                                                                      baseline))
+        candidates["searched"] = self.masks_for(best)
+        # one layer-by-layer pass for the whole table (shared prefixes once), with a bar of scored tokens
+        judge = PopulationEvaluator(self.loaded.model, adapter, heldout, reference=ref,
+                                    batch_size=self.config.batch_size, cache=StateCache(0))
+        bar = tqdm(desc="held-out table", unit="tok", unit_scale=True, disable=self.config.quiet, leave=False)
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            rows = dict(zip(candidates, judge.score(list(candidates.values()), proxies=names, progress=advance)))
+        finally:
+            bar.close()
         table = {k: {"values": v.values, "per_domain": v.per_domain, "tokens": v.tokens} for k, v in rows.items()}
 
         kept = kept_experts(Allocation(space.layers, best), adapter, self.scores)  # as export and evaluate choose
@@ -258,10 +408,19 @@ class SearchSession:
                        space=space.describe())
         self.run.write("result.json", summary)
         alloc.save(self.run.path / "best_allocation.json", adapter)  # the one allocation writer
+        edits = None
+        if self.config.repair:  # beside best_allocation.json, where evaluate and export find it
+            repair, row = self._repair_best(kept, ref)
+            table[f"searched + repair ({self.config.repair})"] = row
+            summary.update(heldout=table, repair={k: repair.meta[k] for k in ("accepted", "search", "seconds")})
+            self.run.write("result.json", summary)
+            if self.config.export:
+                edits = export_edits(repair, self.loaded.path, adapter, kept)
+                meta = {**meta, "repair": {k: repair.meta[k] for k in ("params", "objective", "accepted", "search")}}
         exported = None
         if self.config.export:
             exported = export_pruned(self.loaded.path, self.config.export, kept, meta=meta,
-                                     overwrite=self.config.overwrite, progress=not self.config.quiet)
+                                     overwrite=self.config.overwrite, progress=not self.config.quiet, edits=edits)
             log.info("exported the pruned model to %s", exported.out)
         if not self.config.no_plots:
             if importlib.util.find_spec("matplotlib") is None:  # plotting is an optional extra
@@ -309,8 +468,8 @@ def check_destinations(config: SearchConfig, loaded: LoadedModel | None = None) 
     return spec
 
 
-def _proxies(proxy: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys((proxy, "nll")))
+def _proxies(proxy: str, floors: tuple[Floor, ...] = ()) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((proxy, "nll", *floor_proxies(floors))))
 
 
 def _evolution_settings(config: SearchConfig) -> EvolutionSettings:

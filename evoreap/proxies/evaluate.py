@@ -9,7 +9,7 @@ different seed's order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +19,8 @@ from evoreap.adapters import MoEAdapter
 from evoreap.data import TokenData
 from evoreap.errors import UsageError
 from evoreap.masking import masked
-from evoreap.proxies.registry import ProxyInputs, get_proxy
-from evoreap.reference import Reference, model_device, next_token_logprobs, scored_positions
+from evoreap.proxies.registry import Proxy, ProxyInputs, get_proxy
+from evoreap.reference import Reference, next_token_logprobs, scored_positions
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,10 @@ def select_sequences(data: TokenData, order: torch.Tensor | None = None, n_token
     return order[: int(torch.searchsorted(cum, n_tokens)) + 1]
 
 
-def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.Tensor] | None, data: TokenData,
-             *, proxies: Sequence[str] = ("kl",), reference: Reference | None = None,
-             order: torch.Tensor | None = None, n_tokens: int | None = None, batch_size: int = 8,
-             progress: bool = False, other_model: bool = False) -> ProxyResult:
-    """Score the model with only ``masks``' experts reachable (None: unpruned) on the rows chosen by ``order`` and
-    ``n_tokens``; every proxy in ``proxies`` comes from the same forward pass.
-
-    ``reference`` must come from :func:`evoreap.reference.build_reference` on this model and these ``data``
-    (checked) when a proxy needs one (kl, esap). ``other_model=True`` says that ``model`` is deliberately not the
-    reference's (a physically pruned copy compared with its unpruned source): only the data are then checked.
-    """
+def check_inputs(model: torch.nn.Module, data: TokenData, proxies: Sequence[str] | str,
+                 reference: Reference | None, batch_size: int, other_model: bool = False) -> list[Proxy]:
+    """The requested proxies' specs, after checking the batch size and that a reference made from this model and
+    these data is there when a proxy needs one."""
     if isinstance(proxies, str):
         proxies = (proxies,)
     specs = [get_proxy(name) for name in dict.fromkeys(proxies)]
@@ -101,33 +94,95 @@ def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch
             raise UsageError(f"proxy {', '.join(needs_ref)} compares against the unpruned model and needs its "
                              "reference distributions: pass reference=reference_cached(model, data, top_k=...)")
         reference.check(model=None if other_model else model, data=data)
-    rows = select_sequences(data, order, n_tokens)
-    device = model_device(model)
-    n_domains = len(data.domains)
-    sums = {s.name: torch.zeros(n_domains, dtype=torch.float64) for s in specs}
-    counts = torch.zeros(n_domains, dtype=torch.float64)
+    return specs
 
+
+class Tally:
+    """Per-domain sums of every proxy over the scored positions of the batches added so far."""
+
+    def __init__(self, specs: Sequence[Proxy], data: TokenData, reference: Reference | None):
+        self.specs, self.data, self.reference = list(specs), data, reference
+        self.needs_ref = any(s.needs_reference for s in self.specs)
+        self.sums = {s.name: torch.zeros(len(data.domains), dtype=torch.float64) for s in self.specs}
+        self.counts = torch.zeros(len(data.domains), dtype=torch.float64)
+
+    def add(self, index: torch.Tensor, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> None:
+        """Add the rows ``index`` of the data, whose log-probs ``chunks`` yields (see ``next_token_logprobs``)."""
+        data = self.data
+        ids, mask, domains = data.input_ids[index], data.attention_mask[index], data.domain_ids[index]
+        valid_all = targets_all = ref_all = None
+        for s, e, logp in chunks:
+            if valid_all is None:  # on the device of the log-probs (a device-mapped model's last layer)
+                device = logp.device
+                valid_all = scored_positions(mask).to(device)
+                targets_all = ids[:, 1:].to(device, torch.long)
+                ref_all = self.reference.rows(index, device) if self.needs_ref else None
+                self.counts.index_add_(0, domains, valid_all.sum(1).double().cpu())
+            chunk = ProxyInputs(logp, targets_all[:, s:e], valid_all[:, s:e],
+                                {k: v[:, s:e] for k, v in ref_all.items()} if ref_all is not None else None)
+            for spec in self.specs:
+                values = spec.fn(chunk)
+                per_row = torch.where(chunk.valid, values, torch.zeros_like(values)).double().sum(1)
+                self.sums[spec.name].index_add_(0, domains, per_row.cpu())
+
+    def result(self) -> ProxyResult:
+        counts, domains = self.counts, self.data.domains
+        total = int(counts.sum())
+        if total == 0:
+            raise UsageError("the selected rows hold no scored token (every row is padding or a single token)")
+        values = {name: float(v.sum() / counts.sum()) for name, v in self.sums.items()}
+        per_domain = {domains[d]: {name: float(v[d] / counts[d]) for name, v in self.sums.items()}
+                      for d in range(len(domains)) if counts[d] > 0}
+        domain_tokens = {domains[d]: int(counts[d]) for d in range(len(domains)) if counts[d] > 0}
+        return ProxyResult(values, per_domain, total, domain_tokens)
+
+
+def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch.Tensor] | None, data: TokenData,
+             *, proxies: Sequence[str] = ("kl",), reference: Reference | None = None,
+             order: torch.Tensor | None = None, n_tokens: int | None = None, batch_size: int = 8,
+             progress: bool | Callable[[int, int], None] = False, other_model: bool = False) -> ProxyResult:
+    """Score the model with only ``masks``' experts reachable (None: unpruned) on the rows chosen by ``order`` and
+    ``n_tokens``; every proxy in ``proxies`` comes from the same forward pass.
+
+    ``reference`` must come from :func:`evoreap.reference.build_reference` on this model and these ``data``
+    (checked) when a proxy needs one (kl, esap). ``other_model=True`` says that ``model`` is deliberately not the
+    reference's (a physically pruned copy compared with its unpruned source): only the data are then checked.
+    ``progress``: True shows a bar of scored tokens; a callable is called with ``(tokens done, tokens in all)``
+    after every batch.
+    """
+    specs = check_inputs(model, data, proxies, reference, batch_size, other_model)
+    rows = select_sequences(data, order, n_tokens)
+    tally = Tally(specs, data, reference)
+    report = token_progress(data, rows, progress, "score")
     with torch.inference_mode(), masked(model, adapter, masks or {}):
-        for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch", disable=not progress):
+        for start in range(0, len(rows), batch_size):
             index = rows[start:start + batch_size]
-            ids, mask = data.input_ids[index], data.attention_mask[index]
-            domains = data.domain_ids[index]
-            valid_all = scored_positions(mask).to(device)
-            targets_all = ids[:, 1:].to(device, torch.long)
-            ref_all = reference.rows(index, device) if needs_ref else None
-            counts.index_add_(0, domains, valid_all.sum(1).double().cpu())
-            for s, e, logp in next_token_logprobs(model, ids, mask):
-                chunk = ProxyInputs(logp, targets_all[:, s:e], valid_all[:, s:e],
-                                    {k: v[:, s:e] for k, v in ref_all.items()} if ref_all is not None else None)
-                for spec in specs:
-                    values = spec.fn(chunk)
-                    per_row = torch.where(chunk.valid, values, torch.zeros_like(values)).double().sum(1)
-                    sums[spec.name].index_add_(0, domains, per_row.cpu())
-    total = int(counts.sum())
-    if total == 0:
-        raise UsageError("the selected rows hold no scored token (every row is padding or a single token)")
-    values = {name: float(v.sum() / counts.sum()) for name, v in sums.items()}
-    per_domain = {data.domains[d]: {name: float(v[d] / counts[d]) for name, v in sums.items()}
-                  for d in range(n_domains) if counts[d] > 0}
-    domain_tokens = {data.domains[d]: int(counts[d]) for d in range(n_domains) if counts[d] > 0}
-    return ProxyResult(values, per_domain, total, domain_tokens)
+            tally.add(index, next_token_logprobs(model, data.input_ids[index], data.attention_mask[index]))
+            report(index)
+    report(None)
+    return tally.result()
+
+
+def token_progress(data: TokenData, rows: torch.Tensor, progress: bool | Callable[[int, int], None], desc: str
+                   ) -> Callable[[torch.Tensor | None], None]:
+    """A function to call with each scored batch's rows (None at the end) that reports scored tokens: through a
+    tqdm bar (``progress=True``), a callback ``(done, total)``, or not at all."""
+    per_row = scored_positions(data.attention_mask).sum(1)
+    total = int(per_row[rows].sum())
+    done = 0
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False) if progress is True else None
+
+    def report(index: torch.Tensor | None) -> None:
+        nonlocal done
+        if index is None:
+            if bar is not None:
+                bar.close()
+            return
+        n = int(per_row[index].sum())
+        done += n
+        if bar is not None:
+            bar.update(n)
+        elif callable(progress):
+            progress(done, total)
+
+    return report

@@ -17,6 +17,7 @@ decisions from stored trials and computes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 Alloc = tuple[int, ...]
 # A scorer maps (allocation, tokens) to (value to minimise, user attrs to store).
 Scorer = Callable[[Alloc, int], tuple[float, dict[str, Any]]]
+# Called while scoring with (tokens scored, tokens to score) of the current group of trials.
+TokenProgress = Callable[[int, int], None]
+# A stage scorer scores a group of (allocation, tokens) requests at once (sharing work between them) and returns one
+# (value, attrs) per request, in order; it reports progress through the callback when one is given.
+StageScorer = Callable[[list[tuple[Alloc, int]], TokenProgress | None], list[tuple[float, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -95,20 +101,83 @@ def score_trial(study: optuna.Study, trial: optuna.trial.Trial, space: SearchSpa
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     try:
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        _set_attrs(trial, attrs)
         study.tell(trial, value)
     except optuna.exceptions.UpdateFinishedTrialError:  # a leader took it for dead (a stall, clocks apart)
         log.warning("trial %d was failed as dead while it was scored; the leader asks for it again", trial.number)
     return value
 
 
-def work_queue(study: optuna.Study, space: SearchSpace, scorer: Scorer) -> int:
-    """Score WAITING trials until the queue is empty; returns how many this process scored."""
+def _set_attrs(trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
+    """User attrs, except ``constraints`` (name -> value, <= 0 feasible, e.g. per-domain floors), which become
+    Optuna constraints beside the budget's."""
+    for k, v in attrs.items():
+        if k == "constraints":
+            for name, c in v.items():
+                trial.set_constraint(name, float(c))
+        else:
+            trial.set_user_attr(k, v)
+
+
+def _counts_of(trial: optuna.trial.Trial, space: SearchSpace) -> Alloc:
+    return tuple(trial.suggest_int(f"k{layer}", lo, hi, step=space.step)
+                 for layer, lo, hi in zip(space.layers, space.lower, space.upper))
+
+
+def score_group(study: optuna.Study, trials: list[optuna.trial.Trial], space: SearchSpace,
+                stage_scorer: StageScorer, progress: TokenProgress | None = None) -> list[float]:
+    """Score popped trials together (one call of ``stage_scorer``, which shares work between them) and tell Optuna
+    each result; if scoring fails, every trial of the group is failed (and asked for again by the leader)."""
+    told: set[int] = set()
+    try:
+        requests = []
+        for trial in trials:
+            counts = _counts_of(trial, space)
+            trial.set_constraint("budget", float(space.routed_params(counts) - space.budget.params))
+            requests.append((counts, int(trial.user_attrs["tokens"])))
+        with contextlib.ExitStack() as beats:
+            for trial in trials:  # so that a leader can tell these trials from dead ones
+                beats.enter_context(heartbeat(study, trial._trial_id))
+            results = stage_scorer(requests, progress)
+        values = []
+        for trial, (value, attrs) in zip(trials, results):
+            told.add(trial._trial_id)
+            try:
+                _set_attrs(trial, attrs)
+                study.tell(trial, value)
+            except optuna.exceptions.UpdateFinishedTrialError:  # a leader took it for dead (a stall, clocks apart)
+                log.warning("trial %d was failed as dead while it was scored; the leader asks for it again",
+                            trial.number)
+            values.append(value)
+        return values
+    except BaseException:
+        for trial in trials:
+            if trial._trial_id not in told:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+
+
+def pop_group(study: optuna.Study, limit: int | None = None) -> list[optuna.trial.Trial]:
+    """Take up to ``limit`` (default: all) WAITING trials, each atomically as :func:`pop_waiting` does."""
+    group: list[optuna.trial.Trial] = []
+    while (limit is None or len(group) < limit) and (trial := pop_waiting(study)) is not None:
+        group.append(trial)
+    return group
+
+
+def work_queue(study: optuna.Study, space: SearchSpace, scorer: Scorer, stage_scorer: StageScorer | None = None,
+               group: int | None = None, progress: TokenProgress | None = None) -> int:
+    """Score WAITING trials until the queue is empty; returns how many this process scored. With a
+    ``stage_scorer``, up to ``group`` trials at a time (default: every waiting trial) are scored together."""
     done = 0
-    while (trial := pop_waiting(study)) is not None:
-        score_trial(study, trial, space, scorer)
-        done += 1
+    if stage_scorer is None:
+        while (trial := pop_waiting(study)) is not None:
+            score_trial(study, trial, space, scorer)
+            done += 1
+        return done
+    while trials := pop_group(study, group):
+        score_group(study, trials, space, stage_scorer, progress)
+        done += len(trials)
     return done
 
 
@@ -117,10 +186,18 @@ class Leader:
 
     def __init__(self, study: optuna.Study, space: SearchSpace, scorer: Scorer, settings: EvolutionSettings,
                  curves: list[list[float]] | None, limits: SearchLimits | None = None, poll: float = 0.2,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None):
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 stage_scorer: StageScorer | None = None, group: int | None = None,
+                 on_stage: Callable[[dict[str, Any]], None] | None = None,
+                 extra_seeds: dict[str, Alloc] | None = None):
+        """``on_progress`` is called after each generation; ``on_stage`` while a stage is scored (``generation``,
+        ``stage``, ``candidates``, ``tokens_done``/``tokens_total`` of the trials this process scores) and when it
+        ends; ``stage_scorer`` scores up to ``group`` queued trials at a time together (see :func:`work_queue`)."""
         self.study, self.space, self.scorer, self.s = study, space, scorer, settings
         self.curves, self.limits, self.poll = curves, limits or SearchLimits(), poll
-        self.on_progress = on_progress
+        self.on_progress, self.on_stage = on_progress, on_stage
+        self.stage_scorer, self.group = stage_scorer, group
+        self.extra_seeds = dict(extra_seeds or {})  # e.g. per-domain floor seeds, scored in generation 0
         self.history: list[dict[str, Any]] = []
         self.correlations: list[dict[str, Any]] = []
         self.tokens_spent = 0
@@ -140,8 +217,26 @@ class Leader:
             if key not in done and key not in pending:
                 enqueue(self.study, params_of(self.space, counts), {**attrs, "key": key, "tokens": tokens})
                 pending[key] = None
+        stage = {k: requests[0][2].get(k) for k in ("generation", "stage")} if requests else {}
+        stage["candidates"] = len(requests)
+        asked = sum(n for _, n, _ in requests)
+        one_by_one = {"scored": 0, "tokens": 0}
+
+        def report(done: int, total: int) -> None:
+            if self.on_stage:
+                self.on_stage({**stage, "tokens_done": done, "tokens_total": total})
+
+        def scorer(counts: Alloc, tokens: int) -> tuple[float, dict[str, Any]]:  # one trial at a time: per trial
+            out = self.scorer(counts, tokens)
+            one_by_one["scored"] += 1
+            one_by_one["tokens"] += tokens
+            if self.on_stage:
+                self.on_stage({**stage, "scored": one_by_one["scored"], "tokens_done": one_by_one["tokens"],
+                               "tokens_total": asked})
+            return out
+
         while True:
-            work_queue(self.study, self.space, self.scorer)
+            work_queue(self.study, self.space, scorer, self.stage_scorer, self.group, report)
             done = trials_by_key(self.study, (TrialState.COMPLETE,))
             missing = [i for i, k in enumerate(keys) if k not in done]
             if not missing:
@@ -156,6 +251,8 @@ class Leader:
                     enqueue(self.study, params_of(self.space, counts), {**attrs, "key": keys[i], "tokens": tokens})
             time.sleep(self.poll)
         values = [float(done[k].value) for k in keys]
+        if self.on_stage:
+            self.on_stage({**stage, "finished": True})
         for (counts, tokens, attrs), value, key in zip(requests, values, keys):
             if key in self._counted:  # asked again (equal fidelities): no new tokens were scored
                 continue
@@ -174,6 +271,7 @@ class Leader:
         if self.curves is not None:
             seeds["saliency"] = evolution.analytic_seed(space, self.curves)
         seeds.update(evolution.pattern_seeds(space))
+        seeds.update({name: c for name, c in self.extra_seeds.items() if space.is_feasible(c)})
         unique: dict[Alloc, str] = {}
         for name, c in seeds.items():
             unique.setdefault(c, name)

@@ -103,9 +103,11 @@ class Budget:
     @classmethod
     def resolve(cls, adapter: MoEAdapter, *, fraction: float | None = None, params: int | None = None,
                 gb: float | None = None, bits: float | None = None,
-                params_per_expert: tuple[int, ...] | None = None) -> Budget:
+                params_per_expert: tuple[int, ...] | None = None, stored_bits: float | None = None) -> Budget:
         """``params_per_expert`` (one per MoE layer, read from the modules) replaces the config's one expert size
-        where layers differ, so that a fraction is of the real routed-expert total."""
+        where layers differ, so that a fraction is of the real routed-expert total. ``stored_bits``: bits per
+        routed-expert parameter as a pre-quantized source stores them (weights plus scales); ``--budget-gb`` then
+        counts those bytes and ``--bits`` is refused."""
         sizes = params_per_expert or (adapter.expert_params(),) * len(adapter.moe_layer_indices)
         full = adapter.num_experts * sum(sizes)
         given = [x is not None for x in (fraction, params, gb)]
@@ -119,6 +121,14 @@ class Budget:
             if params <= 0:
                 raise UsageError(f"--budget-params must be positive, got {params}")
             return cls(cls._within(int(params), full, "--budget-params"), f"{params:,} routed-expert parameters")
+        if stored_bits is not None:
+            if bits is not None:
+                raise UsageError(f"the model is stored quantized ({stored_bits:.2f} bits per routed-expert weight "
+                                 "with its scales); --budget-gb counts its stored bytes, so drop --bits")
+            if not gb > 0 or not math.isfinite(gb):
+                raise UsageError("--budget-gb needs a positive size, e.g. --budget-gb 12")
+            return cls(cls._within(int(gb * 1e9 * 8 / stored_bits), full, "--budget-gb"),
+                       f"{gb:g} GB of routed experts as stored ({stored_bits:.2f} bits per weight with scales)")
         if bits is None or not bits > 0 or not gb > 0 or not math.isfinite(gb * bits):
             raise UsageError("--budget-gb needs a positive size and a positive --bits, e.g. --budget-gb 12 --bits 4")
         # Target size of the routed experts after quantisation to `bits` bits per weight (1 GB = 1e9 bytes).

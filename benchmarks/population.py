@@ -1,0 +1,156 @@
+"""Work and time of the population engine against one masked forward per candidate, over a real search.
+
+    python benchmarks/population.py                       # the bundled demo, the README search's settings
+    python benchmarks/population.py --generations 20      # the whole README search
+    python benchmarks/population.py --olmoe-like          # generated model: OLMoE-1B-7B's hidden size, experts,
+                                                          # top-k and vocabulary, fewer layers, bfloat16
+
+One search session (observation, reference, saliency: the pipeline's own set-up) is run twice from generation 0
+on fresh in-memory studies with the same seed: trial by trial (``--engine single``) and a stage at a time
+(``--engine population``), in one process, side by side. Printed: the decoder-layer token evaluations computed /
+(candidates x layers x tokens) of the population engine, the wall time per scored token of each engine against
+one plain forward of the same rows (no proxies), whether both found the same best allocation, and the share of a
+forward's FLOPs that the decoder layers take (the output head is computed per candidate by either engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import optuna
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.models import LoadedModel, load_model, load_tokenizer
+from evoreap.pipeline.config import SearchConfig
+from evoreap.pipeline.session import SearchSession
+from evoreap.proxies import select_sequences
+from evoreap.search.driver import Leader
+
+
+def olmoe_like(layers: int, dtype: torch.dtype) -> LoadedModel:
+    """OLMoE-1B-7B's proportions (hidden 2048, 64 experts of width 1024, top-8, vocabulary 50304, 16 heads) with
+    ``layers`` decoder layers and random weights (routers scaled up so that routing is far from uniform)."""
+    import transformers as tf
+
+    cfg = tf.OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                         vocab_size=50304, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+                         max_position_embeddings=4096, norm_topk_prob=False, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    adapter = MoEAdapter.for_model(model)
+    with torch.no_grad():
+        for layer in adapter.layers(model):
+            layer.router.weight.normal_(0.0, 0.3)
+    return LoadedModel(model, load_tokenizer(None), "olmoe-like (generated)", adapter)
+
+
+def decoder_flop_share(model: torch.nn.Module, adapter: MoEAdapter, seq_len: int) -> float:
+    """Multiply-adds per token of the decoder layers (active parameters: routed experts counted top-k times, plus
+    attention over half the sequence on average) / those plus the output head's."""
+    decoder = model.get_decoder()
+    moe = {layer.index: layer for layer in adapter.layers(model)}
+    cfg = adapter.config
+    heads, head_dim = cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // \
+        cfg.num_attention_heads
+    macs = 0
+    for i, layer in enumerate(decoder.layers):
+        params = sum(p.numel() for p in layer.parameters())
+        if i in moe:
+            routed = sum(p.numel() for p in moe[i].experts.parameters())
+            params += routed // moe[i].num_experts * moe[i].top_k - routed
+        macs += params + 2 * (seq_len // 2) * heads * head_dim
+    head = model.get_output_embeddings().weight.numel()
+    return macs / (macs + head)
+
+
+def plain_forward_seconds(model: torch.nn.Module, session: SearchSession, tokens: int, repeats: int
+                          ) -> tuple[float, float]:
+    """Best of ``repeats`` timings of plain forwards (no masks, no proxies) over the rows a candidate is scored on
+    at ``tokens``, per token position: wall seconds and CPU seconds of this process (steadier on a shared box)."""
+    data, bs = session.search_data, session.config.batch_size
+    rows = select_sequences(data, session.order, tokens)
+    best = (float("inf"), float("inf"))
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t, c = time.perf_counter(), time.process_time()
+            for start in range(0, len(rows), bs):
+                index = rows[start:start + bs]
+                model(input_ids=data.input_ids[index], attention_mask=data.attention_mask[index], use_cache=False)
+            best = min(best, (time.perf_counter() - t, time.process_time() - c))
+    positions = len(rows) * data.seq_len
+    return best[0] / positions, best[1] / positions
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
+    p.add_argument("--olmoe-like", action="store_true", help="a generated model with OLMoE-1B-7B's proportions")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of --olmoe-like")
+    p.add_argument("--generations", type=int, default=3)
+    p.add_argument("--fidelities", default="4096,16384,32768")
+    p.add_argument("--offspring", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--state-cache-gb", type=float, default=1.0)
+    p.add_argument("--engines", default="population,single")
+    p.add_argument("--cache-dir", default=None, help="observation/reference cache (default: a temporary one)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fidelities = tuple(int(x) for x in args.fidelities.split(","))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.olmoe_like:
+            loaded = olmoe_like(args.layers, torch.bfloat16)
+        else:
+            loaded = load_model(args.model)
+        config = SearchConfig(model=args.model, budget=0.5, generations=args.generations, fidelities=fidelities,
+                              offspring=args.offspring, seq_len=args.seq_len, batch_size=args.batch_size,
+                              calib_tokens=min(65536, 4 * fidelities[-1]), heldout_tokens=fidelities[0],
+                              state_cache_gb=args.state_cache_gb, runs_dir=tmp,
+                              cache_dir=args.cache_dir or tmp, quiet=True)
+        t = time.perf_counter()
+        session = SearchSession.prepare(config, loaded)
+        print(f"set-up {time.perf_counter() - t:.1f}s: {loaded.adapter.name}, "
+              f"{len(loaded.model.get_decoder().layers)} layers, hidden {loaded.adapter.config.hidden_size}, "
+              f"{loaded.adapter.num_experts} experts top-{loaded.adapter.top_k}, vocab "
+              f"{loaded.adapter.config.vocab_size}, {loaded.model.dtype}; generations {args.generations}, "
+              f"fidelities {fidelities}, batch {args.batch_size} x {args.seq_len}")
+        plain = plain_forward_seconds(loaded.model, session, fidelities[-1], 2)  # whole batches, as the stages
+        share = decoder_flop_share(loaded.model, loaded.adapter, args.seq_len)
+        results = {}
+        for engine in args.engines.split(","):
+            stage_scorer = session.stage_scorer if engine == "population" else None
+            session.population = None  # a fresh engine (empty state cache) for each run
+            leader = Leader(optuna.create_study(), session.space, session.scorer, session.settings, session.curves,
+                            stage_scorer=stage_scorer)
+            t, c = time.perf_counter(), time.process_time()
+            res = leader.run()
+            seconds, cpu = time.perf_counter() - t, time.process_time() - c
+            positions = sum(len(select_sequences(session.search_data, session.order, h["tokens"]))
+                            for h in res["history"]) * session.search_data.seq_len
+            results[engine] = (res, seconds, cpu)
+            line = (f"{engine:>10}: {len(res['history'])} candidates, {seconds:.1f}s wall ({cpu:.1f}s CPU); per "
+                    f"scored token {seconds / positions / plain[0]:.2f}x a plain forward's wall time, "
+                    f"{cpu / positions / plain[1]:.2f}x its CPU time")
+            if engine == "population":
+                w = session.population.work
+                line += (f"; decoder-layer token evaluations computed / (candidates x layers x tokens) = "
+                         f"{w.computed:,} / {w.naive:,} = {w.ratio:.3f} (from the state cache: "
+                         f"{w.cached / w.naive:.3f})")
+            print(line)
+        if len(results) == 2:
+            (a, _, _), (b, _, _) = results.values()
+            print(f"same best allocation: {a['best'] == b['best']}; population / single: wall time "
+                  f"{results['population'][1] / results['single'][1]:.2f}, CPU time "
+                  f"{results['population'][2] / results['single'][2]:.2f}")
+        print(f"decoder layers' share of a forward's multiply-adds (output head the rest): {share:.3f}; "
+              f"plain forward {plain[0] * 1e6:.1f} us wall, {plain[1] * 1e6:.1f} us CPU per token position")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Scoring a whole stage of candidates at once, layer by layer, computing what candidates share only once.
+
+A candidate is a set of router masks (one per masked MoE layer). Two candidates whose masks agree on decoder layers
+``0..l`` have identical hidden states after layer ``l`` on the same tokens, so the candidates of a stage form a
+prefix tree over the layers: each node is the hidden states after one layer under one sequence of masks, computed
+once from its parent node and shared by every candidate below it. Nodes are also kept across calls in a
+:class:`StateCache` bounded by bytes (least recently used out first; optionally spilled to disk), so a child
+that first differs from its elite parent at layer ``l`` starts from the parent's layer-``l`` states of an earlier
+generation on the same rows.
+
+The layers are the loaded model's own decoder-layer modules, called with the arguments the model's decoder hands
+them (attention mask of the layer's type, rotary tables, positions: recorded once per batch by one pass of the
+decoder whose layers are stand-ins), and each candidate's masks are applied through
+:func:`evoreap.masking.masked`, so every value equals the one-candidate masked forward of
+:func:`evoreap.proxies.evaluate` on the same batches (tested on every architecture). The output head runs through
+the model's own forward with every decoder layer replaced by a stand-in that returns the final hidden states, so
+what the model does after its layers (final norm, head, any scaling) is the model's own code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from evoreap.adapters import MoEAdapter
+from evoreap.data import TokenData
+from evoreap.errors import UsageError
+from evoreap.fingerprint import offloaded, versions
+from evoreap.masking import masked
+from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
+from evoreap.reference import Reference, logprob_chunks, model_device, scored_positions
+
+log = logging.getLogger(__name__)
+
+Masks = Mapping[int, torch.Tensor] | None
+# Called after every batch of a call to PopulationEvaluator.score with (tokens scored, tokens to score), counted
+# over candidates: a stage of 12 candidates on 4,096 tokens reports up to 49,152.
+Progress = Callable[[int, int], None]
+
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class WorkCount:
+    """Decoder-layer work of the calls so far, in token positions (rows x sequence length) through one layer.
+
+    Attributes:
+        computed: layer-position evaluations actually run.
+        naive: what one forward per candidate would have run (candidates x decoder layers x positions).
+        cached: evaluations skipped because a node came from the state cache (part of ``naive - computed``).
+        candidates: candidates scored.
+    """
+
+    computed: int = 0
+    naive: int = 0
+    cached: int = 0
+    candidates: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """computed / naive (1.0 = no sharing at all)."""
+        return self.computed / self.naive if self.naive else 1.0
+
+
+class StateCache:
+    """Hidden states of prefix-tree nodes per batch of rows, least recently used out first, bounded by ``max_bytes``.
+
+    ``spill_dir`` (or ``spill=True`` for a temporary directory) keeps evicted states in safetensors files instead of
+    dropping them (the disk holds at most ``max_disk_bytes``); they are read back on a hit.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, *, spill: bool = False,
+                 max_disk_bytes: int = 16 << 30):
+        if max_bytes < 0:
+            raise UsageError(f"the hidden-state cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes, self.max_disk_bytes = max_bytes, max_disk_bytes
+        self.mem: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="evoreap-states-") if spill else None
+        self.disk: OrderedDict[tuple, tuple[str, int]] = OrderedDict()
+        self.disk_bytes = 0
+        self.hits = self.misses = 0
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.mem or key in self.disk
+
+    def get(self, key: tuple, device: torch.device) -> torch.Tensor:
+        if key in self.mem:
+            self.mem.move_to_end(key)
+            self.hits += 1
+            return self.mem[key].to(device)
+        path, _ = self.disk[key]
+        self.disk.move_to_end(key)
+        self.hits += 1
+        return load_file(path)["h"].to(device)
+
+    def put(self, key: tuple, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if key in self:
+            return
+        if size > self.max_bytes:  # larger than the memory budget: straight to disk, if there is one
+            self._spill(key, t)
+            return
+        self.mem[key] = t
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            old, value = self.mem.popitem(last=False)
+            self.bytes -= value.numel() * value.element_size()
+            self._spill(old, value)
+
+    def _spill(self, key: tuple, t: torch.Tensor) -> None:
+        if self._dir is None:
+            return
+        size = t.numel() * t.element_size()
+        while self.disk and self.disk_bytes + size > self.max_disk_bytes:
+            _, (path, n) = self.disk.popitem(last=False)
+            os.unlink(path)
+            self.disk_bytes -= n
+        if size > self.max_disk_bytes:
+            return
+        path = os.path.join(self._dir.name, f"{len(self.disk)}-{abs(hash(key))}.safetensors")
+        save_file({"h": t.detach().cpu().contiguous()}, path)
+        self.disk[key] = (path, size)
+        self.disk_bytes += size
+
+    def clear(self) -> None:
+        self.mem.clear()
+        self.bytes = 0
+        for path, _ in self.disk.values():
+            os.unlink(path)
+        self.disk.clear()
+        self.disk_bytes = 0
+
+    def close(self) -> None:
+        self.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for decoder layer ``index`` in one pass of the decoder: records the arguments the decoder calls it
+    with (its attention mask, rotary tables, positions; they do not depend on earlier layers' outputs) and passes
+    the hidden states through, so layer 0's record holds the embeddings."""
+
+    def __init__(self, index: int, original: torch.nn.Module, sink: dict[int, tuple]):
+        super().__init__()
+        self.index, self.sink = index, sink
+        object.__setattr__(self, "_original", original)  # not a submodule
+
+    def __getattr__(self, name: str):  # e.g. `attention_type`, read by some decoders' loops
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink[self.index] = (hidden_states, args, kwargs)
+        return hidden_states
+
+
+class _Replay(_Capture):
+    """Stands in for a decoder layer and returns the given final hidden states, so that the model's own forward
+    computes only what follows its decoder layers (final norm, output head) on them."""
+
+    def __init__(self, index: int, original: torch.nn.Module, final: torch.Tensor):
+        super().__init__(index, original, {})
+        self.final = final
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.final
+
+
+@contextmanager
+def _layers_replaced(decoder: torch.nn.Module, modules: list[torch.nn.Module]) -> Iterator[None]:
+    layers = decoder.layers
+    decoder.layers = torch.nn.ModuleList(modules)
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+class PopulationEvaluator:
+    """Scores lists of candidates (router masks) on ``data`` with prefix sharing and a hidden-state cache.
+
+    Same arguments and same values as :func:`evoreap.proxies.evaluate` per candidate. Bound to the model's weights
+    as they are: the cache is emptied when a parameter or buffer changes. ``cache`` bounds what is kept across calls
+    (``StateCache(0)`` keeps nothing; sharing within one call still happens).
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: MoEAdapter, data: TokenData, *,
+                 reference: Reference | None = None, order: torch.Tensor | None = None, batch_size: int = 8,
+                 cache: StateCache | None = None):
+        self.model, self.adapter, self.data = model, adapter, data
+        self.reference, self.order, self.batch_size = reference, order, batch_size
+        self.cache = StateCache() if cache is None else cache
+        self.decoder = model.get_decoder()
+        self.n_layers = len(self.decoder.layers)
+        self.moe = set(adapter.moe_layer_indices)
+        self._trie: dict[tuple[int, bytes | None], int] = {}
+        self._weights = "offloaded" if offloaded(model) else versions(model)
+        self.work = WorkCount()
+
+    # -- the prefix tree ---------------------------------------------------------------------------------------------
+    def _path(self, masks: Masks) -> tuple[int, ...]:
+        """Node ids after each layer (index 0 = the embeddings, the root, id 0): equal ids = equal hidden states."""
+        masks = masks or {}
+        unknown = sorted(set(masks) - self.moe)
+        if unknown:
+            raise UsageError(f"layers {unknown} are not MoE layers of this model ({sorted(self.moe)})")
+        path, node = [0], 0
+        for layer in range(self.n_layers):
+            keep = masks.get(layer)
+            key = None if keep is None else keep.detach().to("cpu", torch.bool).numpy().tobytes()
+            node = self._trie.setdefault((node, key), len(self._trie) + 1)
+            path.append(node)
+        return tuple(path)
+
+    # -- scoring -----------------------------------------------------------------------------------------------------
+    def score(self, candidates: Sequence[Masks], *, proxies: Sequence[str] | str = ("kl",),
+              n_tokens: int | None = None, progress: Progress | None = None) -> list[ProxyResult]:
+        """Proxy values of each candidate on the rows of ``order`` that cover ``n_tokens`` scored tokens, as
+        ``evaluate(model, adapter, masks, data, order=order, n_tokens=n_tokens, batch_size=batch_size)`` gives them.
+        """
+        if not candidates:
+            return []
+        specs = check_inputs(self.model, self.data, proxies, self.reference, self.batch_size)
+        now = "offloaded" if offloaded(self.model) else versions(self.model)  # offloaded: read from the files
+        if now is None or now != self._weights:  # other weights: no stored state is valid
+            self.cache.clear()
+            self._weights = now
+        for masks in candidates:  # a bad mask fails here, before any work
+            with masked(self.model, self.adapter, dict(masks or {})):
+                pass
+        paths = [self._path(m) for m in candidates]
+        leaves = list(dict.fromkeys(paths))  # identical candidates are scored once
+        masks_of = {p: dict(m or {}) for p, m in zip(paths, candidates)}
+        tallies = {p: Tally(specs, self.data, self.reference) for p in leaves}
+        rows = select_sequences(self.data, self.order, n_tokens)
+        per_row = scored_positions(self.data.attention_mask).sum(1)
+        total, done = int(per_row[rows].sum()) * len(candidates), 0
+        positions = self.data.seq_len
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                index = rows[start:start + self.batch_size]
+                finals = self._advance(index, leaves, masks_of)
+                for leaf in leaves:
+                    tallies[leaf].add(index, self._head(index, finals[leaf]))
+                done += int(per_row[index].sum()) * len(candidates)
+                self.work = WorkCount(self.work.computed, self.work.naive + len(candidates) * self.n_layers
+                                      * len(index) * positions, self.work.cached, self.work.candidates)
+                if progress is not None:
+                    progress(done, total)
+        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached,
+                              self.work.candidates + len(candidates))
+        return [tallies[p].result() for p in paths]
+
+    def _inputs(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:
+        """Layer 0's input and every layer's other arguments for the rows ``index``, from one pass of the decoder
+        whose layers are stand-ins (embeddings, masks and rotary tables only)."""
+        sink: dict[int, tuple] = {}
+        stand_ins = [_Capture(i, layer, sink) for i, layer in enumerate(self.decoder.layers)]
+        device = model_device(self.model)
+        with _layers_replaced(self.decoder, stand_ins):
+            self.decoder(input_ids=self.data.input_ids[index].to(device),
+                         attention_mask=self.data.attention_mask[index].to(device), use_cache=False)
+        return sink[0][0], sink
+
+    def _advance(self, index: torch.Tensor, leaves: list[tuple[int, ...]], masks_of: dict
+                 ) -> dict[tuple[int, ...], torch.Tensor]:
+        """Final hidden states of every leaf on rows ``index``: each node computed once from its parent, starting
+        from the deepest node of each path that the cache holds."""
+        rkey = tuple(index.tolist())
+        tokens = len(index) * self.data.seq_len
+        n = self.n_layers
+        start: dict[tuple[int, ...], int] = {}
+        stored: dict[int, torch.Tensor] = {}  # fetched now: computing this batch may evict them from the cache
+        device = model_device(self.model)
+        for p in leaves:
+            start[p] = next((d for d in range(n, 0, -1) if p[d] in stored or (rkey, p[d]) in self.cache), 0)
+            if start[p] and p[start[p]] not in stored:
+                stored[p[start[p]]] = self.cache.get((rkey, p[start[p]]), device)
+        finals: dict[tuple[int, ...], torch.Tensor] = {}
+        h0 = args = None
+        if any(s < n for s in start.values()):
+            h0, args = self._inputs(index)
+        live: dict[int, torch.Tensor] = {}
+        cached = 0
+        for d in range(n + 1):
+            for p in leaves:  # paths that begin here: from the embeddings or from a stored node
+                if start[p] == d and p[d] not in live:
+                    live[p[d]] = h0 if d == 0 else stored[p[d]]
+                    cached += d
+            if d == n:
+                break
+            nxt: dict[int, torch.Tensor] = {}
+            for p in leaves:
+                if start[p] > d or p[d + 1] in nxt:
+                    continue
+                _, a, kw = args[d]
+                keep = masks_of[p].get(d)
+                with masked(self.model, self.adapter, {d: keep} if keep is not None else {}):
+                    out = self.decoder.layers[d](live[p[d]], *a, **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                nxt[p[d + 1]] = out
+                self.cache.put((rkey, p[d + 1]), out)
+                self.work = WorkCount(self.work.computed + tokens, self.work.naive, self.work.cached,
+                                      self.work.candidates)
+            # nodes at depth d+1 that are stored and start a path are already in `nxt` or fetched next round
+            live = nxt
+        for p in leaves:
+            finals[p] = live[p[n]]
+        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached + cached * tokens,
+                              self.work.candidates)
+        return finals
+
+    def _head(self, index: torch.Tensor, final: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Log-prob chunks of the model's own forward from the final hidden states on: every decoder layer replaced
+        by a stand-in that returns ``final`` (the embeddings and masks it recomputes are cheap)."""
+        stand_ins = [_Replay(i, layer, final) for i, layer in enumerate(self.decoder.layers)]
+        device = model_device(self.model)
+        with _layers_replaced(self.decoder, stand_ins):
+            out = self.model(input_ids=self.data.input_ids[index].to(device),
+                             attention_mask=self.data.attention_mask[index].to(device), use_cache=False)
+        return logprob_chunks(out.logits)
+
+    def close(self) -> None:
+        self.cache.close()

@@ -1,0 +1,322 @@
+"""Repaired parameters on disk and in use: the :class:`Repair` record, its safetensors file, applying it to a
+resident model (``with applied(...)``) and to an export (:func:`export_edits`).
+
+A repair file holds full replacement values of a few model tensors, named as the model names them (router weights,
+router biases, the norm before each MoE block), plus one ``<experts>.output_scale`` ``[E]`` per layer whose expert
+outputs are rescaled. Router and norm values are stored in the checkpoint's own dtype, so that an export writes
+exactly the values the repaired masked model computes with; an output scale is folded into the expert's
+``down_proj`` (and its bias) and rounded to that dtype in both places the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evoreap.adapters import MoEAdapter
+from evoreap.checkpoint import CheckpointIndex, KeyLayout
+from evoreap.errors import EvoreapError, UsageError
+from evoreap.files import sha256_json, shareable
+from evoreap.fingerprint import weights_fingerprint
+
+FORMAT = "evoreap-repair"
+VERSION = 1
+SCALE = "output_scale"  # suffix of a per-expert output scale: "<experts module>.output_scale"
+SUFFIX = ".repair.safetensors"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def allocation_fingerprint(kept: dict[int, list[int]]) -> str:
+    """sha256 of the kept experts per layer: what a repair is fitted to (counts alone do not say which experts)."""
+    return sha256_json({"kept": {str(layer): [int(i) for i in idx] for layer, idx in sorted(kept.items())}})
+
+
+def repair_path(allocation_path: str | Path) -> Path:
+    """Where the repair of the allocation file ``allocation_path`` lives: beside it, ``NAME.repair.safetensors``."""
+    p = Path(allocation_path)
+    return p.with_name(p.name[:-len(p.suffix)] + SUFFIX if p.suffix else p.name + SUFFIX)
+
+
+@dataclass(frozen=True, eq=False)
+class Repair:
+    """Fitted replacement values of some of a model's tensors for one set of kept experts.
+
+    Attributes:
+        tensors: model tensor name -> full replacement (router rows of cut experts are left as they were), or
+            ``<experts>.output_scale`` -> ``[E]`` float32 scale of each expert's output.
+        meta: ``model_fingerprint``, ``allocation_fingerprint``, ``kept``, ``params``, ``objective``, ``accepted``,
+            ``storage_dtype``, the search-split values before and after, the fitting history and settings.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.meta.get("accepted"))
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return _DTYPES[self.meta["storage_dtype"]]
+
+    @property
+    def kept(self) -> dict[int, list[int]]:
+        return {int(k): list(v) for k, v in self.meta["kept"].items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file beside it, then rename); the meta travels in the safetensors header."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, tmp,
+                      metadata={"format": FORMAT, "version": str(VERSION), "meta": json.dumps(self.meta)})
+            shareable(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Repair:
+        """Read and check a repair file (EvoreapError naming the file when it is not one)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"repair file {path} does not exist; run evoreap repair --allocation FILE first")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise EvoreapError(f"cannot read repair file {path} ({e}); delete it and run evoreap repair "
+                               "again") from None
+        if header.get("format") != FORMAT or header.get("version") != str(VERSION):
+            raise EvoreapError(f"{path} is not an evoreap repair file of version {VERSION}; run evoreap repair again")
+        try:
+            meta = json.loads(header.get("meta", ""))
+        except json.JSONDecodeError:
+            meta = None
+        problem = _meta_problem(meta, tensors)
+        if problem:
+            raise EvoreapError(f"repair file {path} is damaged ({problem}); delete it and run evoreap repair again")
+        return cls(tensors, meta)
+
+    # -- use --------------------------------------------------------------------------------------------------------
+    def check(self, model: torch.nn.Module, kept: dict[int, list[int]], where: str = "the repair") -> None:
+        """Refuse (UsageError) to apply to other kept experts or another model's weights than it was fitted to."""
+        if allocation_fingerprint(kept) != self.meta["allocation_fingerprint"]:
+            raise UsageError(f"{where} was fitted to other kept experts than this allocation's; run evoreap repair "
+                             "again for this allocation (or pass --no-repair)")
+        if weights_fingerprint(model) != self.meta["model_fingerprint"]:
+            raise UsageError(f"{where} was fitted to another model (its weights differ); run evoreap repair again "
+                             "for this model")
+
+    def overrides(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Model tensor name -> the value it takes under this repair (scales folded into ``down_proj``)."""
+        named = dict(model.named_parameters()) | dict(model.named_buffers())
+        out: dict[str, torch.Tensor] = {}
+        for name, value in self.tensors.items():
+            if name.endswith("." + SCALE):
+                out.update(fold_scale(named, name[:-len(SCALE) - 1], value, self.storage_dtype))
+                continue
+            if name not in named:
+                raise EvoreapError(f"the repair names {name}, which this model does not have")
+            if tuple(named[name].shape) != tuple(value.shape):
+                raise EvoreapError(f"the repair's {name} is {list(value.shape)}, the model's "
+                                   f"{list(named[name].shape)}")
+            out[name] = value.to(named[name].device, named[name].dtype)
+        return out
+
+
+def fold_scale(named: dict[str, torch.Tensor], experts: str, scale: torch.Tensor, dtype: torch.dtype
+               ) -> dict[str, torch.Tensor]:
+    """``down_proj`` (and ``down_proj_bias``) of the experts module ``experts`` with each expert's rows multiplied
+    by its scale, rounded to the storage ``dtype`` as an export writes them."""
+    out = {}
+    for leaf in ("down_proj", "down_proj_bias"):
+        t = named.get(f"{experts}.{leaf}")
+        if t is None:
+            if leaf == "down_proj":
+                raise EvoreapError(f"the repair scales the experts {experts}, which have no down_proj")
+            continue
+        s = scale.to(t.device, torch.float32).view(-1, *([1] * (t.dim() - 1)))
+        out[f"{experts}.{leaf}"] = (t.float() * s).to(dtype).to(t.dtype)
+    return out
+
+
+def _meta_problem(meta: Any, tensors: dict[str, torch.Tensor]) -> str | None:
+    if not isinstance(meta, dict):
+        return "its meta is not a JSON object"
+    for key in ("model_fingerprint", "allocation_fingerprint", "params", "objective", "storage_dtype"):
+        if not isinstance(meta.get(key), str):
+            return f"meta {key!r} is missing or not a string"
+    if meta["storage_dtype"] not in _DTYPES:
+        return f"storage dtype {meta['storage_dtype']!r} is not one of {', '.join(_DTYPES)}"
+    kept = meta.get("kept")
+    if not isinstance(kept, dict) or not all(isinstance(v, list) and all(isinstance(i, int) for i in v)
+                                             for v in kept.values()):
+        return "meta 'kept' is missing or not a map of expert lists"
+    try:
+        if allocation_fingerprint({int(k): v for k, v in kept.items()}) != meta["allocation_fingerprint"]:
+            return "its kept experts do not match its allocation fingerprint"
+    except ValueError:
+        return "meta 'kept' has a layer that is not a number"
+    if not isinstance(meta.get("accepted"), bool):
+        return "meta 'accepted' is missing"
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            return f"{name} is not a finite floating-point tensor"
+    return None
+
+
+def storage_dtype(model_dir: str | Path | None, adapter: MoEAdapter, fallback: torch.dtype) -> str:
+    """The dtype the checkpoint in ``model_dir`` stores its routers in (what an export writes), else ``fallback``."""
+    if model_dir is not None and Path(model_dir).is_dir():
+        try:
+            infos = KeyLayout.of(adapter).router_tensor_infos(CheckpointIndex(model_dir), adapter.moe_layer_indices)
+        except (EvoreapError, OSError):
+            infos = {}
+        for info in infos.values():
+            name = _SAFETENSORS_DTYPES.get(info.dtype)
+            if name:
+                return name
+    return str(fallback).replace("torch.", "")
+
+
+@contextmanager
+def swapped(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Let ``model`` compute with ``values`` (tensor name -> tensor, which may require grad) in place of its own
+    parameters and buffers; on exit the very same tensor objects are back.
+
+    The module dictionaries are written directly (``setattr`` refuses a non-Parameter for a parameter name, and
+    deleting and re-adding would reorder them): the originals are never modified, so their version counters, and
+    with them the cached weights fingerprint and reference keys, stay valid.
+    """
+    saved = []
+    try:
+        for name, value in values.items():
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            store = module._parameters if attr in module._parameters else module._buffers
+            if attr not in store:
+                raise EvoreapError(f"{name} is not a parameter or buffer of the model")
+            saved.append((store, attr, store[attr]))
+            store[attr] = value
+        yield
+    finally:
+        for store, attr, old in reversed(saved):
+            store[attr] = old
+
+
+@contextmanager
+def applied(model: torch.nn.Module, repair: Repair | None, kept: dict[int, list[int]] | None = None,
+            check: bool = True) -> Iterator[None]:
+    """Compute with ``repair``'s values (nothing when None); with ``check``, refuse a repair fitted to other kept
+    experts or another model first. Use it with :func:`evoreap.masking.masked` for the repaired pruned model."""
+    if repair is None:
+        yield
+        return
+    if check:
+        repair.check(model, kept if kept is not None else repair.kept)
+    with torch.no_grad():
+        values = repair.overrides(model)
+    with swapped(model, values):
+        yield
+
+
+def export_edits(repair: Repair, src: str | Path, adapter: MoEAdapter, kept: dict[int, list[int]]
+                 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Source checkpoint tensor name -> the function that turns it, as the export plans it (rows of kept experts
+    only), into its repaired value; for :func:`evoreap.export.export_pruned`'s ``edits``."""
+    index = {t.name: t for t in CheckpointIndex(src)}
+    layout = KeyLayout.of(adapter)
+    e = adapter.num_experts
+    rows_of = {layer: (list(idx) if len(idx) < e else list(range(e))) for layer, idx in kept.items()}
+    dtype = repair.storage_dtype
+
+    def find(param: str) -> str:
+        for name in layout.candidates(param):
+            if name in index:
+                return name
+        raise EvoreapError(f"the checkpoint in {src} has no tensor for {param}; is it the model the repair was "
+                           "fitted to?")
+
+    def layer_of(name: str) -> int | None:
+        parts = name.split(".")
+        for i, p in enumerate(parts[:-1]):
+            if p == "layers" and parts[i + 1].isdigit():
+                return int(parts[i + 1])
+        return None
+
+    edits: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name, value in repair.tensors.items():
+        layer = layer_of(name)
+        rows = rows_of.get(layer, list(range(e)))
+        if name.endswith("." + SCALE):
+            experts = name[:-len(SCALE) - 1]
+            scale = value.float()
+            for leaf in ("down_proj", "down_proj_bias"):
+                param = f"{experts}.{leaf}"
+                parts = layout.per_expert_parts(param, e) if leaf == "down_proj" else None
+                if parts:  # stored one tensor per expert: scale each kept expert's own tensor
+                    for j in rows:
+                        for piece in parts[j]:
+                            edits[find(piece)] = _scaled(scale[j:j + 1], dtype)
+                    continue
+                if leaf == "down_proj_bias" and not any(c in index for c in layout.candidates(param)):
+                    continue
+                edits[find(param)] = _scaled(scale[rows], dtype)
+            continue
+        src_name = find(name)
+        is_router = (key := layout.parse(src_name)) is not None and key.is_router
+        edits[src_name] = _replace(value[rows] if is_router and value.dim() and value.shape[0] == e else value)
+    return edits
+
+
+def _scaled(scale: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        s = scale.view(-1, *([1] * (t.dim() - 1))) if t.dim() and scale.numel() > 1 else scale.reshape(())
+        return (t.float() * s).to(dtype).to(t.dtype)
+
+    return edit
+
+
+def _replace(value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        if tuple(t.shape) != tuple(value.shape):
+            raise EvoreapError(f"a repaired tensor is {list(value.shape)} but the export writes {list(t.shape)}")
+        return value.to(t.dtype)
+
+    return edit
+
+
+def resolve_repair(allocation_file: str | Path | None, repair: Repair | str | Path | bool | None
+                   ) -> Repair | None:
+    """The repair to apply: ``repair`` itself (a :class:`Repair` or its file), none when ``False``, and by default
+    (``None`` or ``True``) the file beside ``allocation_file`` when there is one (``True`` requires it)."""
+    if repair is False:
+        return None
+    if isinstance(repair, Repair):
+        return repair
+    if isinstance(repair, (str, Path)):
+        return Repair.load(repair)
+    beside = repair_path(allocation_file) if allocation_file else None
+    if beside is not None and beside.is_file():
+        return Repair.load(beside)
+    if repair is True:
+        raise UsageError(f"no repair file beside {allocation_file or 'the allocation'} ({beside}); run evoreap "
+                         "repair --allocation FILE first")
+    return None
