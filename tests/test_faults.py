@@ -33,6 +33,9 @@ SEARCH = ["--budget", "0.5", "--generations", "1", "--offspring", "4", "--popula
           "--seq-len", "64", "--batch-size", "8", "--no-plots"]
 OBSERVE = ["--tokens", "16384", "--seq-len", "64", "--batch-size", "2", "--checkpoint-every", "8"]
 COUNTS: dict[str, dict] = {}
+# The population engine scores a whole stage as one group, so a kill loses at most the stage in flight: the largest
+# here is generation 0 (uniform, analytic and six shape seeds); later stages hold --offspring 4 trials.
+STAGE_MAX = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,7 +243,7 @@ def test_search_survives_sigkill(small_model_dir, tmp_path, search_ref):
         assert len(keys) == len(set(keys)) == ref["trials"] and set(keys) == ref["keys"]
         assert states.get("RUNNING", 0) == 0 and states.get("WAITING", 0) == 0
         fails = states.get("FAIL", 0)
-        assert fails <= kills_in_chain  # each kill loses at most the one trial in flight
+        assert fails <= kills_in_chain * STAGE_MAX  # each kill loses at most the stage in flight
         c["trials_recomputed"] += fails
         assert json.loads((run_dir / "best_allocation.json").read_text())["layers"] == ref["best"]
         c["completed_chains"] += 1
@@ -257,7 +260,7 @@ def test_search_survives_sigkill(small_model_dir, tmp_path, search_ref):
             kills_in_chain += 1
             if (runs / name / "study.db").exists():
                 _, states = study_rows(runs / name / "study.db")
-                assert states.get("RUNNING", 0) <= 1  # one process, one trial in flight
+                assert states.get("RUNNING", 0) <= STAGE_MAX  # one process, one stage in flight
         else:
             assert rc == 0, out[-2000:]
             c["finished_before_kill"] += 1

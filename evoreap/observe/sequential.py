@@ -144,9 +144,11 @@ class LayerLoader:
                                "buffers); --offload does not support this architecture")
 
 
-class _Capture(torch.nn.Module):
-    """Stands in for decoder layer ``index``: records the arguments it is called with and passes the hidden states
-    through (masks and rotary tables do not depend on earlier layers' outputs)."""
+class LayerCapture(torch.nn.Module):
+    """Stands in for decoder layer ``index`` in one pass of the decoder: records ``(hidden_states, args, kwargs)`` it
+    is called with and passes the hidden states through (masks and rotary tables do not depend on earlier layers'
+    outputs, so layer 0's record holds the embeddings and every layer's record its attention arguments). Shared with
+    the population evaluator in ``evoreap.proxies``."""
 
     def __init__(self, index: int, original: torch.nn.Module, sink: dict[int, tuple]):
         super().__init__()
@@ -160,7 +162,7 @@ class _Capture(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_original"), name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.sink[self.index] = (args, kwargs)
+        self.sink[self.index] = (hidden_states, args, kwargs)
         return hidden_states
 
 
@@ -270,7 +272,8 @@ class SequentialModel:
                 # 1. embeddings and each layer's arguments
                 self._materialise_outer()
                 stubs: dict[int, tuple] = {}
-                self.decoder.layers = torch.nn.ModuleList(_Capture(i, layer, stubs) for i, layer in enumerate(layers))
+                self.decoder.layers = torch.nn.ModuleList(
+                    LayerCapture(i, layer, stubs) for i, layer in enumerate(layers))
                 try:
                     for b in batches:
                         ids, mask, _ = data.batch(b, batch_size)
@@ -298,7 +301,7 @@ class SequentialModel:
                             for b in batches:
                                 _, mask, dom = data.batch(b, batch_size)
                                 recorder.begin_batch(mask, dom, count_tokens=(i == first_moe))
-                                a, kw = args_of[b][i]
+                                _, a, kw = args_of[b][i]
                                 out = layer(hidden.get(b, self.device), *a, **kw)
                                 hidden.put(b, out[0] if isinstance(out, tuple) else out)
                     finally:

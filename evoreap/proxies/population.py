@@ -35,6 +35,7 @@ from evoreap.data import TokenData
 from evoreap.errors import UsageError
 from evoreap.fingerprint import offloaded, versions
 from evoreap.masking import masked
+from evoreap.observe.sequential import LayerCapture
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
 from evoreap.reference import Reference, logprob_chunks, model_device, scored_positions
 
@@ -145,28 +146,7 @@ class StateCache:
             self._dir.cleanup()
 
 
-class _Capture(torch.nn.Module):
-    """Stands in for decoder layer ``index`` in one pass of the decoder: records the arguments the decoder calls it
-    with (its attention mask, rotary tables, positions; they do not depend on earlier layers' outputs) and passes
-    the hidden states through, so layer 0's record holds the embeddings."""
-
-    def __init__(self, index: int, original: torch.nn.Module, sink: dict[int, tuple]):
-        super().__init__()
-        self.index, self.sink = index, sink
-        object.__setattr__(self, "_original", original)  # not a submodule
-
-    def __getattr__(self, name: str):  # e.g. `attention_type`, read by some decoders' loops
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.sink[self.index] = (hidden_states, args, kwargs)
-        return hidden_states
-
-
-class _Replay(_Capture):
+class _Replay(LayerCapture):
     """Stands in for a decoder layer and returns the given final hidden states, so that the model's own forward
     computes only what follows its decoder layers (final norm, output head) on them."""
 
@@ -267,7 +247,7 @@ class PopulationEvaluator:
         """Layer 0's input and every layer's other arguments for the rows ``index``, from one pass of the decoder
         whose layers are stand-ins (embeddings, masks and rotary tables only)."""
         sink: dict[int, tuple] = {}
-        stand_ins = [_Capture(i, layer, sink) for i, layer in enumerate(self.decoder.layers)]
+        stand_ins = [LayerCapture(i, layer, sink) for i, layer in enumerate(self.decoder.layers)]
         device = model_device(self.model)
         with _layers_replaced(self.decoder, stand_ins):
             self.decoder(input_ids=self.data.input_ids[index].to(device),

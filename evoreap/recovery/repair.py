@@ -334,12 +334,26 @@ def fit_repair(model: torch.nn.Module, adapter: MoEAdapter, kept: dict[int, list
     for p in frozen:
         p.requires_grad_(False)
     try:
-        return _fit(model, adapter, kept, masks, targets, values, names, fit, stop, stop_reference, fit_reference,
-                    settings, dtype, storage_dtype, model_fp, identity,
-                    Path(checkpoint) if checkpoint is not None else None, progress, on_step, t0)
+        with _deterministic():
+            return _fit(model, adapter, kept, masks, targets, values, names, fit, stop, stop_reference,
+                        fit_reference, settings, dtype, storage_dtype, model_fp, identity,
+                        Path(checkpoint) if checkpoint is not None else None, progress, on_step, t0)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+@contextmanager
+def _deterministic():
+    """With more than one thread, the gradients the experts' dispatch accumulates (index_add) are summed in a racing
+    order; a seeded repair must give the same parameters on every run and after a resume, so ask torch for its
+    deterministic kernels while fitting (warn_only: an op without one warns instead of failing)."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
 
 
 def _fit(model, adapter, kept, masks, targets, values, names, fit, stop, stop_reference, fit_reference, settings,
