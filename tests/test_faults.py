@@ -30,11 +30,12 @@ POINTS = 10
 REPORT = Path("/tmp/evoreap_faults.json")
 SEARCH = ["--budget", "0.5", "--generations", "1", "--offspring", "4", "--population", "2",
           "--fidelities", "256,512,1024", "--survivors", "2,1", "--calib-tokens", "2048", "--heldout-tokens", "1024",
-          "--seq-len", "64", "--batch-size", "8", "--no-plots"]
+          "--seq-len", "64", "--batch-size", "8", "--no-plots", "--engine", "population"]
 OBSERVE = ["--tokens", "16384", "--seq-len", "64", "--batch-size", "2", "--checkpoint-every", "8"]
 COUNTS: dict[str, dict] = {}
-# The population engine scores a whole stage as one group, so a kill loses at most the stage in flight: the largest
-# here is generation 0 (uniform, analytic and six shape seeds); later stages hold --offspring 4 trials.
+# Searches here use the population engine (the riskier path: it scores a whole stage as one group), so a kill loses
+# at most the stage in flight: the largest is generation 0 (uniform, analytic and six shape seeds); later stages hold
+# --offspring 4 trials. (With --engine single, the default, one trial is in flight.)
 STAGE_MAX = 8
 
 

@@ -84,9 +84,11 @@ class SearchConfig:
     trials: int | None = setting(None, "stop after this many scored trials", group="search")
     time_limit: float | None = setting(None, "stop after this many seconds", group="search")
     token_budget: int | None = setting(None, "stop after scoring this many tokens", group="search")
-    engine: str = setting("population", "how candidates are scored: population (a whole stage layer by layer, "
-                                        "shared prefixes computed once) or single (one masked forward each); same "
-                                        "values", group="search", choices=("population", "single"))
+    # single stays the default until the population engine is faster where it shares little: on the demo it
+    # computes 0.81 of the layer work but takes 1.09x the time (benchmarks/population.py); same values either way
+    engine: str = setting("single", "how candidates are scored: single (one masked forward each) or population (a "
+                                    "whole stage layer by layer, shared prefixes computed once); same values",
+                          group="search", choices=("single", "population"))
     state_cache_gb: float = setting(1.0, "memory for hidden states the population engine keeps across "
                                          "generations, in GB (0: none)", group="search", metavar="GB")
     floor: str | None = setting(None, "per-domain floors, DOMAIN:PROXY=BOUND comma-separated (e.g. "
