@@ -1,6 +1,7 @@
 """Pre-quantized pruning, measured: observing an FP8 checkpoint instead of its bf16 original, and exporting it.
 
     python benchmarks/quant.py [--layers 20] [--experts 64] [--tokens 2048] [--keep-dir DIR]
+    python benchmarks/quant.py --load [--dtype bfloat16] ...   # in-memory load (dequantize on load) only
 
 Writes a synthetic Qwen3-MoE (random bf16 weights, hidden 1024, per-expert keys) and the same model as a DeepSeek-style
 FP8 checkpoint (float8_e4m3fn + F32 ``weight_scale_inv`` per 128x128 block); with the defaults the FP8 one is about
@@ -50,6 +51,31 @@ scores = {"reap": {i: v.tolist() for i, v in criterion_values(stats, "reap").ite
           "keep": {i: v.tolist() for i, v in score_experts(stats, "reap_x_frequency").items()}}
 open(out, "w").write(json.dumps(scores))
 print(json.dumps({"wall": wall, "peak_mib": hwm_mib()}))
+"""
+
+LOAD = r"""
+import json, sys, time
+import torch
+
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+path, dtype, eager = sys.argv[1], sys.argv[2], sys.argv[3] == "eager"
+import evoreap.models  # imports (transformers, torch) before the clock and the baseline
+if eager:  # the whole checkpoint dequantized into one state dict before transformers loads it (evoreap < this change)
+    def dense_state(quant, dt):
+        return {n: (t.to(dt) if t.is_floating_point() else t) for n in quant.names() for t in (quant.get(n),)}
+    evoreap.models._dequantized_state = dense_state
+from transformers import AutoModelForCausalLM  # noqa: F401
+base = hwm_mib()
+t = time.time()
+loaded = evoreap.models.load_model(path, dtype=dtype)
+wall = time.time() - t
+model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+print(json.dumps({"wall": wall, "peak_mib": hwm_mib(), "base_mib": base, "model_mib": model_bytes / 2**20}))
 """
 
 EXPORT = r"""
@@ -172,6 +198,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--keep-dir", default=None, help="write the checkpoints here and keep them (default: a temp dir)")
+    ap.add_argument("--load", action="store_true",
+                    help="measure only the in-memory load (load_model: the FP8 checkpoint dequantized on load) of "
+                         "both, peak RSS against the loaded model's size")
+    ap.add_argument("--dtype", default="bfloat16", help="dtype of the in-memory load (--load)")
     args = ap.parse_args()
     import torch
 
@@ -185,6 +215,21 @@ def main() -> None:
             bf16, fp8 = write_models(root, args.layers, args.experts)
         gen = time.time() - t
         size = {d.name: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (bf16, fp8)}
+        if args.load:
+            load = {d.name: run(LOAD, str(d), args.dtype, "lazy") for d in (bf16, fp8)}
+            load["fp8, whole state dict dequantized first"] = run(LOAD, str(fp8), args.dtype, "eager")
+            size["fp8, whole state dict dequantized first"] = size["fp8"]
+            print(f"synthetic Qwen3-MoE, {args.layers} layers x {args.experts} experts; load_model(dtype="
+                  f"{args.dtype}) in a fresh process each (peak RSS less the RSS after imports); fp8 is dequantized "
+                  "tensor by tensor as transformers' loader asks for each weight\n")
+            print("| source | stored | loaded model | load peak RSS over imports (MiB) | / loaded model | wall (s) |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for k in load:
+                r = load[k]
+                extra = r["peak_mib"] - r["base_mib"]
+                print(f"| {k} | {size[k] / 1e9:.2f} GB | {r['model_mib']:.0f} MiB | {extra:.0f} | "
+                      f"x{extra / r['model_mib']:.2f} | {r['wall']:.1f} |")
+            return
         obs = {d.name: run(OBSERVE, str(d), str(args.tokens), str(args.seq_len), str(root / f"{d.name}.stats"))
                for d in (fp8, bf16)}
         scores = {k: json.loads((root / f"{k}.stats").read_text()) for k in obs}

@@ -74,9 +74,11 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], qconfig: dict[str, Any]
 
 def save_quantized(model: torch.nn.Module, path: str | Path, method: str, *, tokenizer: Any = None,
                    block: tuple[int, int] | None = (128, 128), scale_dtype: torch.dtype = torch.float32,
-                   scheme: str = "W4A16", group_size: int | None = 32) -> Path:
+                   scheme: str = "W4A16", group_size: int | None = 32, kv_cache: bool = False) -> Path:
     """Save ``model`` (``save_pretrained``, so per-expert keys where transformers writes them) quantized by
-    ``method`` (``fp8``, ``mxfp4`` or ``compressed-tensors`` with ``scheme``) into ``path``; returns ``path``."""
+    ``method`` (``fp8``, ``mxfp4`` or ``compressed-tensors`` with ``scheme``) into ``path``; returns ``path``.
+    ``kv_cache`` adds FP8 KV-cache scales as llm-compressor calibrates them (``self_attn.k_scale`` / ``v_scale``, one
+    float32 per layer, and ``kv_cache_scheme`` in the config)."""
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer is not None:
@@ -119,5 +121,12 @@ def save_quantized(model: torch.nn.Module, path: str | Path, method: str, *, tok
         qc = q.quantization_config(sch, ignore)
     else:
         raise ValueError(f"unknown method {method!r}")
+    if kv_cache:
+        g = torch.Generator().manual_seed(11)
+        for attn in sorted({n.split(".k_proj.")[0] for n in out if ".self_attn.k_proj." in n}):
+            for leaf in ("k_scale", "v_scale"):
+                out[f"{attn}.{leaf}"] = torch.rand(1, generator=g) * 0.01 + 0.001
+        qc["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                 "symmetric": True}
     _write(path, out, qc)
     return path

@@ -416,12 +416,248 @@ def test_export_quantize_writes_compressed_tensors_that_transformers_loads(plain
     assert qc["moe_sparsity_config"] == {"method": "prune", "num_experts": [12, None, 8, 8]}
     assert load_model(str(tmp_path / "fp8"), trust_remote_code=True).adapter.num_experts == 12
     # a quantized source keeps its format: --quantize on it, or an unknown scheme, is refused before writing
-    with pytest.raises(UsageError, match="not supported"):
-        export_pruned(src, tmp_path / "bad", uniform, progress=False, quantize="W3A3")
+    for scheme, words in (("W3A3", "'W3A3' is not a compressed-tensors scheme"),
+                          ("FP8", "FP8 quantizes activations with static scales, which must be calibrated"),
+                          ("NVFP4", "static scales"), ("W8A8", "does not write")):
+        with pytest.raises(UsageError, match=words) as err:
+            export_pruned(src, tmp_path / "bad", uniform, progress=False, quantize=scheme)
+        assert "\n" not in str(err.value)
     assert not (tmp_path / "bad").exists()
 
 
-def test_quantize_of_a_quantized_source_is_refused(quantized, tmp_path):
-    with pytest.raises(UsageError, match="already quantized"):
-        export_pruned(quantized("qwen3-fp8"), tmp_path / "out", {0: list(range(8))}, progress=False, quantize="W4A16")
-    assert not (tmp_path / "out").exists()
+def test_export_dry_run_describes_quantize_and_refuses_a_bad_scheme(plain_qwen, tmp_path, capsys):
+    from evoreap.cli import main
+
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"format": "evoreap-allocation", "version": 1, "layers": {"0": 8, "2": 8, "3": 8},
+                                 "experts": {str(i): list(range(8)) for i in (0, 2, 3)}}))
+    base = ["export", "--model", str(plain_qwen), "--allocation", str(alloc), "--out", str(tmp_path / "o"),
+            "--dry-run"]
+    assert main(base + ["--quantize", "W4A16"]) == 0
+    text = capsys.readouterr().out
+    assert "compressed-tensors W4A16" in text and "stock transformers" in text
+    assert main(base + ["--quantize", "FP8"]) == 2
+    assert "static scales" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _qdq_w4(w, group=32):
+    """Naive W4A16 (symmetric, per group of ``group`` inputs) quantize-dequantize of one Linear weight [out, in]."""
+    from evoreap.export.quantize import make_scheme, weight_qparams
+
+    scale, _ = weight_qparams(w, make_scheme("W4A16", group_size=group))
+    s = scale.repeat_interleave(group, 1)
+    return torch.clamp(torch.round(w / s), -8, 7) * s
+
+
+def _qdq_reference(model, interleaved, transposed):
+    """``model`` with every projection Linear and every expert's gate, up and down projection quantize-dequantized
+    naively, the fused expert tensors cut into per-expert Linear weights by hand (GPT-OSS: [E, in, out], gate on
+    even and up on odd output columns; transformers 5: [E, out, in], gate rows then up rows)."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "proj" in name.rsplit(".", 1)[-1]:
+                mod.weight.copy_(_qdq_w4(mod.weight))
+            gu, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+            if not isinstance(gu, torch.nn.Parameter):
+                continue
+            for e in range(gu.shape[0]):
+                w = gu[e].T if transposed else gu[e].clone()  # [2I, H]: output rows
+                half = w.shape[0] // 2
+                rows = (torch.arange(0, 2 * half, 2), torch.arange(1, 2 * half, 2)) if interleaved else \
+                    (torch.arange(half), torch.arange(half, 2 * half))
+                for r in rows:
+                    w[r] = _qdq_w4(w[r])
+                gu[e] = w.T if transposed else w
+                d = down[e].T if transposed else down[e]
+                down[e] = _qdq_w4(d).T if transposed else _qdq_w4(d)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fused_sources(tmp_path_factory, tok):
+    """GPT-OSS in full precision and MXFP4, and a Qwen3-MoE saved with transformers 5's fused expert tensors."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            path = tmp_path_factory.mktemp(kind)
+            arch = "qwen3_moe" if kind == "qwen3-fused" else "gpt_oss"
+            model = tiny_model(arch, vocab_size=len(tok))
+            if kind == "gpt-oss-mxfp4":
+                save_quantized(model, path, "mxfp4", tokenizer=tok)
+            else:
+                model.save_pretrained(path)
+                tok.save_pretrained(path)
+                if kind == "qwen3-fused":  # the model's own (fused) parameter names on disk
+                    for f in path.glob("*.safetensors"):
+                        f.unlink()
+                    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                              str(path / "model.safetensors"), metadata={"format": "pt"})
+            made[kind] = path
+        return made[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", ["gpt-oss-bf16", "gpt-oss-mxfp4", "qwen3-fused"])
+def test_export_quantize_of_fused_experts_writes_per_expert_linear_views(fused_sources, kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = fused_sources(kind)
+    source = load_model(str(src))
+    adapter, e = source.adapter, source.adapter.num_experts
+    stored = CheckpointIndex(src)
+    assert any(n.endswith(("experts.gate_up_proj", "experts.gate_up_proj_blocks")) for n in stored.tensors)
+    kept = {layer: list(range(1, e, 2)) for layer in adapter.moe_layer_indices}
+    out = tmp_path / "w4"
+    export_pruned(src, out, kept, progress=False, quantize="W4A16", quantize_group_size=32)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    routers = {f"model.layers.{i}.mlp.{adapter.spec.router_attr}" for i in adapter.moe_layer_indices}
+    assert routers | {"lm_head"} <= set(qc["ignore"])
+    o_idx = CheckpointIndex(out)
+    gate, up, down = (n.split(".")[0] for n in adapter.spec.linear_expert_names)
+    for i in adapter.moe_layer_indices:  # one compressed Linear per kept expert and projection; routers dense
+        for new in range(len(kept[i])):
+            for proj in (gate, up, down):
+                assert f"model.layers.{i}.mlp.experts.{new}.{proj}.weight_packed" in o_idx.tensors
+        assert f"model.layers.{i}.mlp.experts.{len(kept[i])}.{gate}.weight_packed" not in o_idx.tensors
+        assert o_idx.tensors[f"model.layers.{i}.mlp.{adapter.spec.router_attr}.weight"].shape == (len(kept[i]), 64)
+    assert not any(n.endswith(("gate_up_proj", "_blocks")) for n in o_idx.tensors)
+    # the reloaded export computes what the pruned model with naively quantized Linear views computes
+    gpt = adapter.spec.name == "GPT-OSS"
+    ref_model = _qdq_reference(load_model(str(src)).model, interleaved=gpt, transposed=gpt)
+    masks = {layer: torch.zeros(e, dtype=torch.bool).index_fill_(0, torch.tensor(k), True) for layer, k in kept.items()}
+    ids = torch.randint(0, 4000, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with masked(source.model, adapter, masks):
+            full = source.model(ids).logits
+        with masked(ref_model, adapter, masks):
+            ref = ref_model(ids).logits
+        got = load_model(str(out)).model(ids).logits
+    assert (got - ref).norm() / ref.norm() <= 1e-5
+    assert (got - full).norm() / full.norm() > 1e-3  # it is quantized: W4 differs from the full-precision model
+    if kind == "gpt-oss-bf16":  # the streamed reader fuses the per-expert views as the in-memory loader does
+        from evoreap.api import observe
+
+        kw = dict(tokens=64, seq_len=32, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
+        assert observe(str(out), offload=True, **kw).stats.allclose(observe(str(out), **kw).stats, rtol=1e-5,
+                                                                    atol=1e-6)
+    stock, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    if gpt:
+        # transformers 5.24 has no checkpoint conversion for GPT-OSS (stored fused), so its loader leaves the
+        # per-expert tensors unused and the fused experts random: evoreap's own loader fuses them (FusedView)
+        assert "model.layers.0.mlp.experts.gate_up_proj" in info["missing_keys"]
+        assert "Loads with evoreap only" in (out / "README.md").read_text()
+    else:  # per-expert Linear tensors are what transformers' conversion stacks into the fused experts
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        with torch.no_grad():
+            assert torch.equal(stock(ids).logits, got)
+
+
+@pytest.mark.parametrize("kind", ["qwen3-fp8", "gpt-oss-mxfp4", "qwen3-ct-w4a16"])
+def test_non_uniform_quantized_export_loads_with_stock_transformers_and_its_own_code(quantized, kind, tmp_path):
+    """A non-uniform export ships evoreap's modeling code (auto_map): stock transformers loads it with
+    trust_remote_code=True through its own FP8 / MXFP4 / compressed-tensors loaders, refuses it without (shapes
+    differ per layer). compressed-tensors' moe_sparsity_config is a field of its own QuantizationConfig only, so it
+    is declared there and never added to an fp8 or mxfp4 config (whose loaders have no such field)."""
+    from transformers import AutoModelForCausalLM
+
+    src = quantized(kind)
+    loaded = load_model(str(src))
+    adapter, e = loaded.adapter, loaded.adapter.num_experts
+    kept = {layer: list(range(e // 2 + (i % 2) * (e // 4))) for i, layer in enumerate(adapter.moe_layer_indices)}
+    export_pruned(src, tmp_path / "out", kept, progress=False)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert ("moe_sparsity_config" in qc) == (KINDS[kind][1] == "compressed-tensors")
+    masks = {layer: torch.zeros(e, dtype=torch.bool).index_fill_(0, torch.tensor(k), True) for layer, k in kept.items()}
+    ids = torch.randint(0, 4000, (1, 12), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, trust_remote_code=True)
+    with torch.no_grad(), masked(loaded.model, adapter, masks):
+        ref = loaded.model(ids).logits
+    with torch.no_grad():
+        got = stock(ids).logits
+    # compressed-tensors' loader multiplies in the bf16 scales' dtype (see the uniform test): a bf16 tolerance there
+    assert (got - ref).norm() / ref.norm() <= (2e-2 if KINDS[kind][1] == "compressed-tensors" else 1e-5)
+
+
+def test_search_on_an_fp8_model_records_the_quantization_and_exports_fp8(quantized, tmp_path):
+    """A very short automated search on an FP8 block-scaled Qwen3-MoE: it runs on the dequantized model, its
+    observation is keyed as FP8, and --export of the best allocation keeps the FP8 tensors byte for byte."""
+    import evoreap
+    from evoreap.observe.store import load_observation
+
+    src = quantized("qwen3-fp8")
+    out = tmp_path / "pruned"
+    res = evoreap.search(str(src), 0.5, runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), run="q",
+                         quiet=True, export=str(out), generations=1, offspring=1, population=1,
+                         fidelities=(64, 96, 128), survivors=(1, 1), calib_tokens=128, heldout_tokens=64, seq_len=32,
+                         batch_size=8, no_plots=True)
+    best = json.loads((tmp_path / "runs" / "q" / "best_allocation.json").read_text())
+    obs = load_observation(best["meta"]["observation_key"], cache_dir=str(tmp_path / "cache"))
+    assert obs.manifest["model"]["quantization"] == "fp8 float8_e4m3fn block 16x16"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == json.loads((src / "config.json").read_text())["quantization_config"]
+    record = json.loads((out / "evoreap.json").read_text())
+    kept = {int(k): v for k, v in record["kept_experts"].items()}
+    assert {k: len(v) for k, v in kept.items()} == res.allocation.as_dict()
+    s_idx, o_idx = CheckpointIndex(src), CheckpointIndex(out)
+    for layer, experts in kept.items():
+        for new, old in enumerate(experts):
+            for leaf in ("weight", "weight_scale_inv"):
+                name = f"model.layers.{layer}.mlp.experts.{{}}.down_proj.{leaf}"
+                t = o_idx.tensors[name.format(new)]
+                assert t.dtype == ("F8_E4M3" if leaf == "weight" else "BF16")
+                assert _stored_bytes(t) == _stored_bytes(s_idx.tensors[name.format(old)])
+
+
+@pytest.mark.parametrize("kind", ["qwen3-fp8", "qwen3-ct-fp8"])
+def test_kv_cache_scales_are_listed_ignored_by_the_model_and_copied_by_export(quantized, tok, tmp_path, kind):
+    """A checkpoint with calibrated KV-cache scales (self_attn.k_scale / v_scale, kv_cache_scheme): inspect names
+    the scheme and counts them as scales, loading and observe --offload do not flag them as unused (a dequantized
+    model has no use for them) and compute what the same checkpoint without them computes, export copies them byte
+    for byte with the kv_cache_scheme, and --quantize carries both over."""
+    from evoreap.api import observe
+
+    _, method, opts = KINDS[kind]
+    plain = quantized(kind)
+    src = save_quantized(tiny_model("qwen3_moe", vocab_size=len(tok)), tmp_path / "kv", method, tokenizer=tok,
+                         kv_cache=True, **opts)
+    s_idx = CheckpointIndex(src)
+    kv = sorted(n for n in s_idx.tensors if n.endswith(("k_scale", "v_scale")))
+    assert len(kv) == 8
+    info = describe(str(src))
+    assert info["quantization"]["kv_cache_scheme"]["strategy"] == "tensor"
+    assert info["stored_bytes_by_part"]["other_scales"] == (describe(str(plain))["stored_bytes_by_part"]
+                                                            ["other_scales"] + 8 * 4)
+    ids = torch.randint(0, 4000, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(src)).model(ids).logits, load_model(str(plain)).model(ids).logits)
+    if method == "fp8":  # the streamed reader's unused-tensor check too
+        kw = dict(tokens=64, seq_len=32, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
+        assert observe(str(src), offload=True, **kw).stats.allclose(observe(str(plain), **kw).stats, rtol=1e-5,
+                                                                    atol=1e-6)
+    kept = {layer: list(range(0, 16, 2)) for layer in (0, 2, 3)}
+    export_pruned(src, tmp_path / "out", kept, progress=False)
+    o_idx = CheckpointIndex(tmp_path / "out")
+    for n in kv:
+        assert _stored_bytes(o_idx.tensors[n]) == _stored_bytes(s_idx.tensors[n])
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"] == json.loads((src / "config.json").read_text())["quantization_config"][
+        "kv_cache_scheme"]
+    load_model(str(tmp_path / "out"))
+    if method == "compressed-tensors":
+        export_pruned(src, tmp_path / "w4", kept, progress=False, quantize="W4A16", quantize_group_size=32)
+        w_idx = CheckpointIndex(tmp_path / "w4")
+        assert all(torch.equal(read_tensor(w_idx.tensors[n]), read_tensor(s_idx.tensors[n])) for n in kv)
+        qc = json.loads((tmp_path / "w4" / "config.json").read_text())["quantization_config"]
+        assert qc["kv_cache_scheme"]["type"] == "float" and qc["format"] == "pack-quantized"
+        load_model(str(tmp_path / "w4"))
+
+
+def test_fused_layout_of_an_architecture_is_validated():
+    from evoreap.adapters import ArchSpec, register_architecture
+    from evoreap.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="unknown fused_gate_up 'zip'"):
+        register_architecture(ArchSpec("X", ("x_moe_test",), "softmax_topk", fused_gate_up="zip"))

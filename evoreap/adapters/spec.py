@@ -44,6 +44,10 @@ class ArchSpec:
         disk_expert_names: per-expert tensor names in checkpoints that store one tensor per expert, in the
             order gate, up, down; empty when the checkpoint stores fused experts (GPT-OSS).
         expert_bias: experts carry biases on both projections (GPT-OSS).
+        fused_gate_up: how the fused ``gate_up_proj`` holds the two projections along its output axis: ``"concat"``
+            (gate then up, transformers 5's stacking of per-expert checkpoints) or ``"interleave"`` (gate on even,
+            up on odd columns: GPT-OSS).
+        fused_transposed: the fused expert tensors are ``[E, in, out]`` (GPT-OSS) rather than ``[E, out, in]``.
         moe_norm_attr: the norm on the decoder layer that feeds its MoE block (router repair may refit it).
     """
 
@@ -61,6 +65,8 @@ class ArchSpec:
     disk_block: str = "mlp"
     disk_expert_names: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     expert_bias: bool = False
+    fused_gate_up: str = "concat"
+    fused_transposed: bool = False
     moe_norm_attr: str = "post_attention_layernorm"
 
     def moe_layer_indices(self, config: Any) -> list[int]:
@@ -74,6 +80,12 @@ class ArchSpec:
             return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
         return list(range(n))
 
+    @property
+    def linear_expert_names(self) -> tuple[str, str, str]:
+        """Per-expert Linear weight names (gate, up, down): the checkpoint's own, or for a fused-on-disk family the
+        ones llm-compressor's per-expert Linear views (and so compressed-tensors checkpoints of it) use."""
+        return self.disk_expert_names or ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
     def num_experts(self, config: Any) -> int:
         return int(getattr(config, self.num_experts_key))
 
@@ -82,6 +94,7 @@ class ArchSpec:
 
 
 DENSE_RULES = ("none", "first_k_dense_replace", "sparse_step")
+FUSED_GATE_UP = ("concat", "interleave")
 
 BY_MODEL_TYPE: Registry[ArchSpec] = Registry("model type")
 
@@ -97,6 +110,9 @@ def register_architecture(spec: ArchSpec) -> ArchSpec:
     if spec.dense_rule not in DENSE_RULES:
         raise RegistryError(f"architecture {spec.name!r}: unknown dense rule {spec.dense_rule!r}; use one of "
                             f"{', '.join(DENSE_RULES)}")
+    if spec.fused_gate_up not in FUSED_GATE_UP:
+        raise RegistryError(f"architecture {spec.name!r}: unknown fused_gate_up {spec.fused_gate_up!r}; use one of "
+                            f"{', '.join(FUSED_GATE_UP)}")
     for t in spec.model_types:
         taken = BY_MODEL_TYPE.find(t)
         if taken is not None:
@@ -126,7 +142,7 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("GLM-4.5-MoE", ("glm4_moe",), "sigmoid_group", shared_attrs=("shared_experts",),
              dense_rule="first_k_dense_replace"),
     ArchSpec("GPT-OSS", ("gpt_oss",), "topk_softmax", router_attr="router", expert_width_key="intermediate_size",
-             disk_expert_names=(), expert_bias=True),
+             disk_expert_names=(), expert_bias=True, fused_gate_up="interleave", fused_transposed=True),
 )
 
 for _spec in SPECS:

@@ -34,6 +34,10 @@ from evoreap.errors import EvoreapError, UsageError
 from evoreap.registry import Registry
 
 WEIGHT, SCALE, AUX = "weight", "scale", "aux"  # roles of the stored tensors behind one quantized weight
+# Attention / KV-cache quantization parameters (compressed-tensors' ``kv_cache_scheme``: ``self_attn.k_scale`` and
+# ``v_scale``, ``q_scale`` with quantized attention, zero points when asymmetric; AutoFP8's single ``kv_scale``):
+# calibrated scales of the cache, not model weights; dequantized models never read them, export copies them.
+KV_CACHE_PARAMS = ("k_scale", "v_scale", "q_scale", "k_zero_point", "v_zero_point", "q_zero_point", "kv_scale")
 
 
 @dataclass(frozen=True)
@@ -440,9 +444,15 @@ class QuantizedCheckpoint:
     format: QuantFormat
     groups: dict[str, QuantGroup] = field(default_factory=dict)
     plain: dict[str, TensorInfo] = field(default_factory=dict)
+    # per-expert Linear tensors of a family stored fused on disk (a compressed-tensors export of GPT-OSS), shown as
+    # the fused parameters the model has (evoreap.checkpoint.linear_experts)
+    fused: Any = None
+    kv_cache: dict[str, TensorInfo] = field(default_factory=dict)  # KV-cache scales, hidden from the model's view
 
     @classmethod
-    def of(cls, index: CheckpointIndex, fmt: QuantFormat) -> QuantizedCheckpoint:
+    def of(cls, index: CheckpointIndex, fmt: QuantFormat, spec: Any = None) -> QuantizedCheckpoint:
+        """The view of ``index`` quantized by ``fmt``; ``spec`` (the architecture's ArchSpec) lets per-expert Linear
+        tensors of a fused-on-disk family read back as its fused parameters."""
         groups, consumed = fmt.group(index)
         self = cls(index, fmt, groups, {n: t for n, t in index.tensors.items() if n not in consumed})
         clash = next((n for n in groups if n in self.plain), None)
@@ -450,28 +460,45 @@ class QuantizedCheckpoint:
             raise _mismatch(index.directory, f"{clash} is stored both quantized and in full precision")
         for g in groups.values():
             fmt.check(g, read_tensor)
+        self.kv_cache = {n: t for n, t in self.plain.items() if n.rpartition(".")[2] in KV_CACHE_PARAMS}
+        for n in self.kv_cache:
+            del self.plain[n]
+        if spec is not None and not spec.disk_expert_names:
+            from evoreap.checkpoint.linear_experts import FusedView
+
+            view = FusedView(spec, [*self.plain, *self.groups])
+            self.fused = view if view.members else None
         return self
 
     def names(self) -> list[str]:
-        return [*self.plain, *self.groups]
+        if self.fused is None:
+            return [*self.plain, *self.groups]
+        hidden = self.fused.consumed()
+        return [n for n in (*self.plain, *self.groups) if n not in hidden] + self.fused.names()
 
     def __contains__(self, name: str) -> bool:
+        if self.fused is not None and name in self.fused.members:
+            return True
         return name in self.plain or name in self.groups
 
     def get(self, name: str) -> torch.Tensor:
         """The full-precision tensor ``name`` (float32 for a dequantized weight, the stored dtype otherwise)."""
         if name in self.plain:
             return read_tensor(self.plain[name])
+        if self.fused is not None and name in self.fused.members:
+            return self.fused.get(name, self.get)
         g = self.groups[name]
         return self.format.dequantize(g, {k: read_tensor(t) for k, t in g.parts.items()})
 
     def stored(self, name: str) -> list[TensorInfo]:
         """The stored tensors behind plain name ``name``."""
+        if self.fused is not None and name in self.fused.members:
+            return [t for n in self.fused.parts(name) for t in self.stored(n)]
         return [self.plain[name]] if name in self.plain else self.groups[name].stored()
 
     def role_of(self) -> dict[str, str]:
         """Every stored tensor's role: :data:`WEIGHT`, :data:`SCALE` or :data:`AUX` (plain tensors: WEIGHT)."""
-        out = dict.fromkeys(self.plain, WEIGHT)
+        out = dict.fromkeys(self.plain, WEIGHT) | dict.fromkeys(self.kv_cache, SCALE)
         for g in self.groups.values():
             out.update({t.name: g.roles[k] for k, t in g.parts.items()})
         return out
@@ -488,10 +515,24 @@ def read_raw_config(directory: str | Path) -> dict[str, Any] | None:
 def open_quantized(directory: str | Path, index: CheckpointIndex | None = None,
                    config: Any = None) -> QuantizedCheckpoint | None:
     """The dequantized view of the checkpoint in ``directory`` when its config names a quantization, else None."""
-    fmt = detect(config if config is not None else (read_raw_config(directory) or {}))
+    config = config if config is not None else (read_raw_config(directory) or {})
+    fmt = detect(config)
     if fmt is None:
         return None
-    return QuantizedCheckpoint.of(index if index is not None else CheckpointIndex(directory), fmt)
+    return QuantizedCheckpoint.of(index if index is not None else CheckpointIndex(directory), fmt, spec_of(config))
+
+
+def spec_of(config: Any):
+    """The registered ArchSpec of a config object or raw ``config.json`` dict; None for an unknown model type."""
+    from evoreap.adapters.spec import BY_MODEL_TYPE
+
+    if isinstance(config, dict):
+        model_type = (config.get("text_config") or {}).get("model_type") or config.get("model_type")
+    else:
+        from evoreap.adapters import text_config
+
+        model_type = getattr(text_config(config), "model_type", None)
+    return BY_MODEL_TYPE.find(model_type) if isinstance(model_type, str) else None
 
 
 def expert_stored_bits(directory: str | Path | None, adapter: Any) -> float | None:

@@ -53,8 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config's _name_or_path or hub cache folder when they name one")
     g.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="quantize the pruned model's projection weights with compressed-tensors (W4A16, W4A16_ASYM, "
-                        "W8A16, FP8_DYNAMIC, FP8_BLOCK; routers, embeddings and lm_head stay unquantized) and write a "
-                        "compressed-tensors checkpoint; needs the quant extra and a full-precision source")
+                        "W8A16, FP8_DYNAMIC, FP8_BLOCK; routers, embeddings and lm_head stay unquantized; fused "
+                        "experts become per-expert Linear weights; a quantized source is dequantized first) and write "
+                        "a compressed-tensors checkpoint; needs the quant extra. Static-activation schemes (FP8, "
+                        "NVFP4) are refused: they need calibration")
     g.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="group size (or NxN block for FP8_BLOCK) of --quantize instead of the preset's 128")
     g.add_argument("--dry-run", action="store_true",
@@ -85,7 +87,7 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def print_plan(adapter, plan, max_shard: int) -> None:
+def print_plan(adapter, plan, max_shard: int, quantize: str | None = None) -> None:
     acts = plan.action_counts()
     counts = plan.counts
     print(f"architecture      {adapter.name} ({adapter.config.model_type}), {adapter.num_experts} experts per layer")
@@ -97,9 +99,16 @@ def print_plan(adapter, plan, max_shard: int) -> None:
           f"({100 * plan.bytes_after / max(plan.bytes_before, 1):.1f}%)")
     print(f"shards            {len(split_shards(plan.tensors, max_shard))} (max {_fmt_bytes(max_shard)})")
     loads = "stock transformers / vLLM" if plan.uniform else "trust_remote_code=True (bundled modeling_evoreap.py)"
+    if quantize is not None and not adapter.spec.disk_expert_names:
+        # written per expert, which transformers has no conversion for on a fused-only architecture (GPT-OSS)
+        loads = "evoreap only (evoreap.models.load_model): per-expert quantized weights of a fused architecture"
     print(f"loads with        {loads}")
     quant = quant_label(adapter.config)
-    if quant is not None:
+    if quantize is not None:
+        source = f", from {quant} dequantized" if quant is not None else ""
+        print(f"quantization      compressed-tensors {quantize.upper()} (--quantize{source}); routers and lm_head "
+              "unquantized")
+    elif quant is not None:
         print(f"quantization      {quant}: kept experts' quantized tensors and scales copied byte for byte")
 
 
@@ -111,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
         adapter = MoEAdapter(load_config(src, trust_remote_code=args.trust_remote_code))
         chosen = choose_experts(allocation, adapter, src, criterion=args.criterion, observation=args.observation,
                                 cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        if args.quantize is not None:  # a scheme that would be refused is refused here too
+            from evoreap.export.quantize import make_scheme  # compressed-tensors: only imported when asked for
+
+            g = args.group_size
+            make_scheme(args.quantize, group_size=g, block=(g, g) if g else None)
         adapter, plan = plan_export(src, chosen.kept, trust_remote_code=args.trust_remote_code)
-        print_plan(adapter, plan, max_shard)
+        print_plan(adapter, plan, max_shard, quantize=args.quantize)
         return 0
     result = export(args.allocation, args.out, model=args.model, criterion=args.criterion,
                     observation=args.observation, cache_dir=args.cache_dir, overwrite=args.overwrite,

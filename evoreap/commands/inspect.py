@@ -85,6 +85,9 @@ def describe(name: str | None, trust_remote_code: bool = False) -> dict:
     quant = detect(config)
     if quant is not None:
         info["quantization"] = quant.describe()
+        kv = quant.config.get("kv_cache_scheme")
+        if kv:  # calibrated KV-cache scales (k_scale / v_scale), copied as they are by export
+            info["quantization"]["kv_cache_scheme"] = kv
     if disk is not None:
         info["stored_bytes"], info["stored_bytes_by_dtype"] = disk
         info["stored_bytes_by_part"] = bytes_by_part(path, adapter, config)
@@ -135,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
         block = "x".join(str(b) for b in q["block"]) if q.get("block") else "none"
         extra = f", {'; '.join(q['scheme'])}" if q.get("scheme") else ""
         rows.append(("quantization", f"{q['method']}: {q['format']}, block {block}{extra}"))
+        kv = q.get("kv_cache_scheme")
+        if kv:
+            kv_text = (kv if not isinstance(kv, dict) else
+                       f"{kv.get('type', '')}{kv.get('num_bits', '')} {kv.get('strategy', '')} "
+                       f"{'dynamic' if kv.get('dynamic') else 'static'}")
+            rows.append(("kv cache", f"{kv_text} (k_scale / v_scale stored)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

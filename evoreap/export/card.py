@@ -152,6 +152,10 @@ def model_card(record: dict[str, Any], source_dir: str | Path | None = None,
                 "layer's router and experts before the weights load. Without `trust_remote_code=True` stock "
                 "transformers refuses the folder with a size MISMATCH report. vLLM/SGLang need uniform counts.")
         snippet = "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+    loads_with = (record.get("extra") or {}).get("loads_with")
+    if loads_with:  # a quantized export that only evoreap's loader reads correctly (see export_pruned)
+        load = f"Loads with {loads_with}."
+        snippet = "import evoreap.models\nmodel = evoreap.models.load_model(path).model"
     meta = record.get("allocation_meta") or {}
     budget = record.get("budget")
     bytes_line = (f"{_size(params['bytes_before'])} -> {_size(params['bytes_after'])} "

@@ -204,7 +204,8 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
             it is written, same dtype and shape (repaired parameters, :mod:`evoreap.recovery`); a name that is not
             written is an error.
         quantize: a compressed-tensors scheme (:data:`evoreap.export.quantize.SCHEMES`) that the pruned model's
-            projection weights are quantized with (a full-precision source only); None copies the source's bytes.
+            projection weights are quantized with (a quantized source is dequantized first; fused experts are
+            quantized as per-expert Linear views); None copies the source's bytes.
         quantize_group_size: the scheme's group size (or square block) instead of its preset's 128.
     """
     t0 = time.perf_counter()
@@ -219,9 +220,6 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
     quant = open_quantized(src, index, raw)  # every scale checked against its weight before anything is written
     scheme = None
     if quantize is not None:
-        if quant is not None:
-            raise UsageError(f"{src} is already quantized ({quant.format.label()}); export keeps its format, so drop "
-                             "--quantize (or export from the full-precision model)")
         from evoreap.export.quantize import make_scheme  # compressed-tensors: only imported when asked for
 
         g = quantize_group_size
@@ -231,10 +229,20 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         plan = _with_edits(plan, edits)
     aux = {n: f for n in AUX_FILES if (f := aux_file(src, n, follow_external_links=follow_external_links))}
     meta = {"base_model": str(src), **(meta or {})}
-    if quant is not None:
+    if quant is not None and quantize is None:
         meta.setdefault("quantization", quant.format.label())
     if quantize is not None:
-        meta.setdefault("quantization", f"compressed-tensors {quantize.upper()} (evoreap export --quantize)")
+        source = f", from {quant.format.label()} dequantized" if quant is not None else ""
+        meta.setdefault("quantization", f"compressed-tensors {quantize.upper()} (evoreap export --quantize{source})")
+        if not adapter.spec.disk_expert_names:
+            # GPT-OSS: checkpoints are stored fused, so transformers (5.24) has no conversion that stacks per-expert
+            # tensors into its fused experts: it would report them unexpected and leave the experts random
+            meta["loads_with"] = (f"evoreap only (evoreap.models.load_model): the {adapter.name} experts are written "
+                                  "as per-expert compressed Linear weights, which transformers' loader has no "
+                                  "conversion for (stock from_pretrained reports them UNEXPECTED and initialises "
+                                  "the fused experts at random)")
+            log.warning("%s: the %s experts are written per expert (compressed-tensors quantizes 2-D Linear "
+                        "weights); load the export with evoreap, not stock transformers", out, adapter.name)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))
@@ -250,11 +258,17 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
         else:
             from evoreap.export import quantize as q
 
-            written = q.write_quantized(tmp, plan, scheme, max_shard_bytes=max_shard_bytes, progress=progress)[1]
+            kv = q.kv_cache_scheme(quant)
+            if quant is not None and quant.kv_cache and kv is None:
+                log.warning("%s stores KV-cache scales without a compressed-tensors kv_cache_scheme; the quantized "
+                            "export leaves them out", src)
+            written = q.write_quantized(tmp, plan, scheme, max_shard_bytes=max_shard_bytes, progress=progress,
+                                        spec=adapter.spec, quant=quant, dense_dtype=_dense_dtype(raw),
+                                        skip=set() if kv or quant is None else set(quant.kv_cache))[1]
         cfg = new_config(raw, config, adapter, plan)
         if scheme is not None:
             counts = None if plan.uniform else [plan.counts.get(i) for i in range(adapter.config.num_hidden_layers)]
-            cfg["quantization_config"] = q.quantization_config(scheme, q.quantized_ignore(plan), counts)
+            cfg["quantization_config"] = q.quantization_config(scheme, q.quantized_ignore(plan), counts, kv)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if not plan.uniform:
             (tmp / MODELING_FILE).write_text(render_modeling(adapter), encoding="utf-8")
@@ -280,6 +294,15 @@ def export_pruned(src: str | Path, out: str | Path, kept: dict[int, list[int]], 
              "uniform" if plan.uniform else "non-uniform", result.tensors_written, result.tensors_dropped,
              plan.bytes_before / 1e6, written / 1e6, result.seconds)
     return result
+
+
+def _dense_dtype(raw: dict[str, Any]):
+    """The dtype a source's config names for its unquantized weights (bf16 when it names none)."""
+    import torch
+
+    name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype") or "bfloat16"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
 
 
 def _with_edits(plan: ExportPlan, edits: Mapping[str, Callable[[Any], Any]]) -> ExportPlan:

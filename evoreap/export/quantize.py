@@ -11,11 +11,12 @@ quantized per expert Linear (``...experts.{e}.gate_proj.weight``), which is how 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
-from evoreap.errors import UsageError
+from evoreap.errors import EvoreapError, UsageError
 
 # Schemes whose weights need no calibration data (weight-only, or activations quantized dynamically at run time).
 SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16", "FP8_DYNAMIC", "FP8_BLOCK")
@@ -29,6 +30,25 @@ def _ct():
                          "pip install 'evoreap[quant]'") from None
 
 
+def unsupported_scheme(name: str) -> str:
+    """Why ``--quantize name`` is refused, in one line: a preset with static activation scales (they are
+    calibrated on data, and evoreap's export does not calibrate), another compressed-tensors preset, or an unknown
+    name."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES, preset_name_to_scheme
+
+    key = name.upper()
+    supported = ", ".join(SCHEMES)
+    if key not in PRESET_SCHEMES:
+        return f"--quantize {name!r} is not a compressed-tensors scheme; use one of {supported}"
+    acts = preset_name_to_scheme(key, ["Linear"]).input_activations
+    if acts is not None and acts.dynamic is not True:
+        return (f"--quantize {key} quantizes activations with static scales, which must be calibrated on data; "
+                f"evoreap's export does not calibrate: use {'FP8_DYNAMIC' if key == 'FP8' else 'one of ' + supported}"
+                " (activation scales computed at run time), or quantize the pruned export with llm-compressor")
+    return (f"--quantize {key} is a compressed-tensors preset that evoreap's export does not write; use one of "
+            f"{supported}, or quantize the pruned export with llm-compressor")
+
+
 def make_scheme(name: str, *, group_size: int | None = None, block: tuple[int, int] | None = None):
     """compressed-tensors' preset ``name`` targeting Linear layers, with an optional group size / block override
     (tiny test models are narrower than the presets' 128)."""
@@ -37,8 +57,7 @@ def make_scheme(name: str, *, group_size: int | None = None, block: tuple[int, i
 
     key = name.upper()
     if key not in SCHEMES:
-        raise UsageError(f"--quantize {name!r} is not supported; use one of {', '.join(SCHEMES)} (schemes with "
-                         "static activation scales need calibration, which evoreap does not run)")
+        raise UsageError(unsupported_scheme(name))
     scheme = preset_name_to_scheme(key, ["Linear"])
     if group_size is not None and scheme.weights.group_size is not None:
         scheme.weights.group_size = int(group_size)
@@ -90,13 +109,15 @@ def quantize_weight(weight: torch.Tensor, scheme) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def quantization_config(scheme, ignore: list[str], moe_counts: list[int | None] | None = None) -> dict[str, Any]:
+def quantization_config(scheme, ignore: list[str], moe_counts: list[int | None] | None = None,
+                        kv_cache_scheme: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` of a checkpoint compressed with ``scheme`` (``moe_counts``: per decoder layer the
-    kept experts, None for dense layers, written as compressed-tensors' ``moe_sparsity_config``)."""
+    kept experts, None for dense layers, written as compressed-tensors' ``moe_sparsity_config``; ``kv_cache_scheme``:
+    the source's, whose calibrated ``k_scale``/``v_scale`` are copied)."""
     from compressed_tensors.quantization import QuantizationConfig
 
     qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignore), format=scheme_format(scheme),
-                            quantization_status="compressed")
+                            quantization_status="compressed", kv_cache_scheme=kv_cache_scheme)
     out = qc.to_dict()
     out["quantization_status"] = "compressed"
     out["quant_method"] = "compressed-tensors"
@@ -138,25 +159,71 @@ def quantized_ignore(plan) -> list[str]:
                    and len(t.shape) == 2 and not is_quantizable(t.name, torch.empty(0, 0), set())})
 
 
-def write_quantized(out_dir, plan, scheme, *, max_shard_bytes: int, progress: bool = True) -> tuple[list[str], int]:
+def planned_tensors(plan, quant=None):
+    """``(name, tensor)`` of every planned tensor in full precision: a quantized source's weights (``quant``, its
+    :class:`~evoreap.checkpoint.quant.QuantizedCheckpoint`) dequantized from their planned (sliced or renumbered)
+    stored parts by the format's own dequantizer, under the plain name the export gives them; its scales and other
+    companions are consumed by that. Dequantized weights are handed out in float32."""
+    owner = {}
+    if quant is not None:
+        for g in quant.groups.values():
+            for role, t in g.parts.items():
+                owner[t.name] = (g, role)
+    by_source = {t.source.name: t for t in plan.tensors}
+    for t in plan.tensors:
+        if t.source.name not in owner:
+            yield t.name, _planned_tensor(t)
+            continue
+        g, role = owner[t.source.name]
+        if g.roles[role] != "weight":
+            continue  # read with its weight
+        planned = {r: by_source.get(p.name) for r, p in g.parts.items()}
+        missing = [g.parts[r].name for r, p in planned.items() if p is None]
+        if missing:
+            raise EvoreapError(f"{missing[0]} is not exported with its weight {t.source.name}; please report this")
+        tensor = quant.format.dequantize(g, {r: _planned_tensor(p) for r, p in planned.items()})
+        # the plain name with the export's renumbering: the stored name and the plain name share their stem
+        src, plain = t.source.name, g.name
+        stem = len(os.path.commonprefix([src, plain]))
+        yield t.name[: len(t.name) - (len(src) - stem)] + plain[stem:], tensor
+
+
+def kv_cache_scheme(quant) -> dict[str, Any] | None:
+    """The source's ``kv_cache_scheme`` when it stores KV-cache scales and the scheme is a compressed-tensors one
+    (copied into the new config with the scales); None otherwise (the scales are then not written)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    kv = quant.format.config.get("kv_cache_scheme") if quant is not None and quant.kv_cache else None
+    if not isinstance(kv, dict):
+        return None
+    try:
+        QuantizationArgs.model_validate(kv)
+        return kv
+    except ValueError:
+        return None
+
+
+def write_quantized(out_dir, plan, scheme, *, max_shard_bytes: int, progress: bool = True, spec=None, quant=None,
+                    dense_dtype: torch.dtype = torch.bfloat16, skip: set[str] = frozenset()) -> tuple[list[str], int]:
     """Write ``plan``'s tensors with every projection weight quantized by ``scheme`` (compressed), sharded as
-    :func:`~evoreap.export.writer.write_checkpoint` does; one shard's tensors are in memory at a time. Returns the
-    file names and the bytes written."""
+    :func:`~evoreap.export.writer.write_checkpoint` does; one shard's tensors are in memory at a time. Fused expert
+    tensors are written as per-expert Linear views (``spec``'s layout, :func:`evoreap.checkpoint.linear_experts.
+    split_fused`), each quantized; a quantized source (``quant``) is dequantized first; tensors named in ``skip`` are
+    left out. Returns the file names and the bytes written."""
     import json
 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from evoreap.checkpoint.linear_experts import split_fused
     from evoreap.checkpoint.reader import INDEX_NAME
     from evoreap.export.writer import shard_names
 
-    fused = next((t.name for t in plan.tensors if len(t.shape) == 3 and ".experts." in f"{t.name}."), None)
-    if fused:
-        raise UsageError(f"--quantize needs one Linear weight per expert, but this checkpoint stores its experts fused "
-                         f"({fused}); export without --quantize, or quantize the export with llm-compressor")
-    if any(t.dtype.startswith(("F8", "U8", "I32")) and t.name.endswith(".weight") for t in plan.tensors):
-        raise UsageError("--quantize needs a full-precision source; this checkpoint is already quantized (export "
-                         "keeps its format without --quantize)")
+    if spec is None:
+        fused = next((t.name for t in plan.tensors if len(t.shape) == 3 and ".experts." in f"{t.name}."), None)
+        if fused:
+            raise UsageError(f"--quantize of fused experts ({fused}) needs the architecture's layout; please report "
+                             "this")
     ignore = set(quantized_ignore(plan))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, total = 0, 0
@@ -172,13 +239,20 @@ def write_quantized(out_dir, plan, scheme, *, max_shard_bytes: int, progress: bo
 
     weight_map: dict[str, int] = {}
     with tqdm(total=len(plan.tensors), unit="tensor", desc="Quantizing", disable=not progress) as bar:
-        for t in plan.tensors:
-            tensor = _planned_tensor(t)
-            if is_quantizable(t.name, tensor, ignore):
-                module = t.name.rpartition(".")[0]
-                items = {f"{module}.{k}": v for k, v in quantize_weight(tensor, scheme).items()}
-            else:
-                items = {t.name: tensor.contiguous()}
+        for name, tensor in planned_tensors(plan, quant):
+            if name in skip:
+                bar.update()
+                continue
+            views = split_fused(spec, name, tensor) if spec is not None else None
+            items = {}
+            for n, v in (views or {name: tensor}).items():
+                if is_quantizable(n, v, ignore):
+                    module = n.rpartition(".")[0]
+                    items.update({f"{module}.{k}": x for k, x in quantize_weight(v, scheme).items()})
+                elif quant is not None and n not in quant.plain and v.is_floating_point():
+                    items[n] = v.to(dense_dtype).contiguous()  # a dequantized weight that the scheme leaves dense
+                else:
+                    items[n] = v.contiguous()
             nbytes = sum(v.numel() * v.element_size() for v in items.values())
             if shards[-1] and size + nbytes > max_shard_bytes:
                 flush()
