@@ -27,6 +27,7 @@ from evoreap.models import LoadedModel, load_model, load_tokenizer
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.session import SearchSession
 from evoreap.proxies import select_sequences
+from evoreap.proxies.population import WorkCount
 from evoreap.search.driver import Leader
 
 
@@ -84,6 +85,58 @@ def plain_forward_seconds(model: torch.nn.Module, session: SearchSession, tokens
     return best[0] / positions, best[1] / positions
 
 
+class StageLog:
+    """Wraps the session's stage scorer: per stage, the population engine's work and each candidate's prefix-tree
+    path and batches, so that the work can be compared with what an unbounded cache would have computed."""
+
+    def __init__(self, session: SearchSession):
+        self.session, self.stage = session, ("?", "?")
+        self.calls: list[tuple[tuple, WorkCount, WorkCount, list[tuple[int, ...]], list[tuple[int, ...]]]] = []
+
+    def on_stage(self, info: dict) -> None:
+        self.stage = (info.get("generation"), info.get("stage"))
+
+    def __call__(self, requests, progress=None):
+        session = self.session
+        before = session.population.work if session.population is not None else WorkCount()
+        out = session.stage_scorer(requests, lambda done, total: progress and progress(done, total))
+        pop, bs = session.population, session.config.batch_size
+        for tokens in dict.fromkeys(n for _, n in requests):
+            rows = select_sequences(session.search_data, session.order, tokens).tolist()
+            batches = [tuple(rows[i:i + bs]) for i in range(0, len(rows), bs)]
+            paths = [pop._path(session.masks_for(c)) for c, n in requests if n == tokens]
+            self.calls.append((self.stage, before, pop.work, paths, batches))
+            before = pop.work
+        return out
+
+    def report(self, seq_len: int) -> None:
+        """Per stage kind: computed / naive, and the unbounded-cache ideal (every (batch, node) computed once
+        ever; and per row, i.e. if states of any batch could be reused on any other batch holding the row)."""
+        seen_batch: set = set()
+        seen_row: set = set()
+        rows_of: dict = {}
+        for (gen, stage), w0, w1, paths, batches in self.calls:
+            kind = "seeds" if gen == 0 else f"stage {stage}"
+            t = rows_of.setdefault(kind, [0, 0, 0, 0, 0])
+            t[0] += w1.computed - w0.computed
+            t[1] += w1.naive - w0.naive
+            t[2] += w1.cached - w0.cached
+            for b in batches:
+                for p in dict.fromkeys(paths):
+                    for node in p[1:]:
+                        if (b, node) not in seen_batch:
+                            seen_batch.add((b, node))
+                            t[3] += len(b) * seq_len
+                        for r in b:
+                            if (r, node) not in seen_row:
+                                seen_row.add((r, node))
+                                t[4] += seq_len
+        tot = [sum(v[i] for v in rows_of.values()) for i in range(5)]
+        print("  work by stage: computed / naive (from the cache) | unbounded cache: same batches, any batch")
+        for kind, (c, n, k, ib, ir) in sorted(rows_of.items()) + [("all", tot)]:
+            print(f"  {kind:>8}: {c / n:.3f} ({k / n:.3f}) | {ib / n:.3f}, {ir / n:.3f}   [naive {n:,}]")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
@@ -124,10 +177,11 @@ def main() -> None:
         share = decoder_flop_share(loaded.model, loaded.adapter, args.seq_len)
         results = {}
         for engine in args.engines.split(","):
-            stage_scorer = session.stage_scorer if engine == "population" else None
+            stages = StageLog(session)
+            stage_scorer = stages if engine == "population" else None
             session.population = None  # a fresh engine (empty state cache) for each run
             leader = Leader(optuna.create_study(), session.space, session.scorer, session.settings, session.curves,
-                            stage_scorer=stage_scorer)
+                            stage_scorer=stage_scorer, on_elites=session.retain_elites, on_stage=stages.on_stage)
             t, c = time.perf_counter(), time.process_time()
             res = leader.run()
             seconds, cpu = time.perf_counter() - t, time.process_time() - c
@@ -143,6 +197,8 @@ def main() -> None:
                          f"{w.computed:,} / {w.naive:,} = {w.ratio:.3f} (from the state cache: "
                          f"{w.cached / w.naive:.3f})")
             print(line)
+            if engine == "population":
+                stages.report(session.search_data.seq_len)
         if len(results) == 2:
             (a, _, _), (b, _, _) = results.values()
             print(f"same best allocation: {a['best'] == b['best']}; population / single: wall time "

@@ -42,7 +42,7 @@ from evoreap.models import DTYPES as DTYPE_BY_NAME
 from evoreap.recovery.reinject import ReinjectResult
 from evoreap.recovery.reinject import reinject as reinject_experts
 from evoreap.recovery.reinject import saliency as domain_saliency
-from evoreap.recovery.repair import RepairResult, RepairSettings, fit_repair
+from evoreap.recovery.repair import FIT_TOKENS, RepairResult, RepairSettings, fit_repair
 from evoreap.recovery.store import Repair, export_edits, repair_path, resolve_repair, storage_dtype
 from evoreap.recovery.store import allocation_fingerprint as allocation_fp
 from evoreap.fingerprint import checkpoint_fingerprint
@@ -223,10 +223,11 @@ def evaluate(model: ModelLike = None, *, allocation: Allocation | str | Path | N
              tokenizer: Any = None, trust_remote_code: bool = False,
              chat_template: str | Path | None = None,
              repair: Repair | str | Path | bool | None = None, device_map: str | dict | None = None,
-             max_memory: str | float | dict | None = None) -> EvaluationResult:
+             max_memory: str | float | dict | None = None, offload: bool = False) -> EvaluationResult:
     """Held-out NLL, perplexity, KL, ESAP and top-1 agreement of the pruned model (``allocation`` under router
     masks, or the export in ``pruned``) beside the unpruned ``model``. ``repair`` as for :func:`export` (masked
-    allocations only: an export already holds its repair)."""
+    allocations only: an export already holds its repair). ``offload`` (or ``max_memory`` in GB, without
+    ``device_map``, below the weights' size) streams a model directory layer by layer from its shards."""
     alloc = Allocation.load(allocation) if isinstance(allocation, (str, Path)) else allocation
     rep = resolve_repair(None if isinstance(allocation, Allocation) else allocation, repair) \
         if alloc is not None else None
@@ -238,16 +239,17 @@ def evaluate(model: ModelLike = None, *, allocation: Allocation | str | Path | N
                            observation=observation, cache_dir=cache_dir, generate_tokens=generate,
                            allow_overlap=allow_overlap, dtype=dtype, device=device, seed=seed,
                            trust_remote_code=trust_remote_code, chat_template=chat_template, repair=rep,
-                           device_map=device_map, max_memory=max_memory)
+                           device_map=device_map, max_memory=max_memory, offload=offload)
 
 
 def repair(model: ModelLike = None, allocation: Allocation | str | Path | None = None, *,
            params: str = RepairSettings.params, objective: str = RepairSettings.objective,
-           out: str | Path | None = None, data: Any = None, stop_data: Any = None, fit_tokens: int = 16384,
+           out: str | Path | None = None, data: Any = None, stop_data: Any = None, fit_tokens: int = FIT_TOKENS,
            stop_tokens: int = 8192, seq_len: int = 256, batch_size: int = RepairSettings.batch_size,
            lr: float = RepairSettings.lr, epochs: int = RepairSettings.epochs,
            evals_per_epoch: int = RepairSettings.evals_per_epoch, patience: int = RepairSettings.patience,
-           seed: int = 0, reference_top_k: int = 64, criterion: str | None = None, observation: str | None = None,
+           schedule: str = RepairSettings.schedule, seed: int = 0, reference_top_k: int = 64,
+           criterion: str | None = None, observation: str | None = None,
            cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", tokenizer: Any = None,
            trust_remote_code: bool = False, progress: bool = True) -> RepairResult:
     """Fit repaired parameters (``params``: router, router+norm, router+scale, router+norm+scale) of the pruned
@@ -259,7 +261,8 @@ def repair(model: ModelLike = None, allocation: Allocation | str | Path | None =
     if allocation is None:
         raise UsageError("repair needs an allocation (a file or an Allocation)")
     settings = RepairSettings(params=params, objective=objective, lr=lr, epochs=epochs, batch_size=batch_size,
-                              evals_per_epoch=evals_per_epoch, patience=patience, seed=seed).check()
+                              evals_per_epoch=evals_per_epoch, patience=patience, schedule=schedule,
+                              seed=seed).check()
     alloc = allocation if isinstance(allocation, Allocation) else Allocation.load(allocation)
     if out is None:
         if isinstance(allocation, Allocation):

@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +73,18 @@ def model_fingerprint(model: torch.nn.Module, cache_dir: str | Path | None = Non
     if now is not None and hit is not None and hit[0] == now:
         return hit[1]
     adapter = MoEAdapter.for_model(model)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    base = store_fingerprint(adapter.config, router_tensors(model, adapter),
-                             weights=weights_fingerprint(model, cache_dir))["sha256"]
-    digest = hashlib.sha256(f"{base}:{dtype}".encode()).hexdigest()
+    digest = fingerprint_of(adapter.config, router_tensors(model, adapter), weights_fingerprint(model, cache_dir),
+                            next(model.parameters()).dtype)
     if now is not None:
         _FINGERPRINTS[model] = (now, digest)
     return digest
+
+
+def fingerprint_of(config: Any, routers: dict[str, torch.Tensor], weights: str, dtype: torch.dtype) -> str:
+    """:func:`model_fingerprint` from its parts, for a model that is not resident (streamed from its shards: the
+    routers read from the files, ``weights`` their :func:`~evoreap.fingerprint.checkpoint_fingerprint`)."""
+    base = store_fingerprint(config, routers, weights=weights)["sha256"]
+    return hashlib.sha256(f"{base}:{str(dtype).replace('torch.', '')}".encode()).hexdigest()
 
 
 def data_fingerprint(data: TokenData) -> str:
@@ -283,39 +288,59 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
 
 
 # -- building ---------------------------------------------------------------------------------------------------------
+class ReferenceBuilder:
+    """Fills a :class:`Reference` batch by batch from log-prob chunks (shared by the resident forward and the
+    layer-streamed one of :mod:`evoreap.proxies.streamed`)."""
+
+    def __init__(self, data: TokenData, top_k: int, vocab: int):
+        if not 1 <= top_k <= vocab:
+            raise UsageError(f"reference top-K must lie between 1 and the vocabulary size {vocab}, got {top_k}")
+        if data.seq_len < 2:
+            raise UsageError("sequences need at least 2 tokens to score a next-token prediction")
+        self.data, self.top_k, self.vocab = data, top_k, vocab
+        n, positions = len(data), data.seq_len - 1
+        self.topk_lp = torch.empty(n, positions, top_k, dtype=torch.float32)
+        self.topk_ids = torch.empty(n, positions, top_k, dtype=torch.int32)
+        self.tail = torch.empty(n, positions, dtype=torch.float32)
+        self.target = torch.empty(n, positions, dtype=torch.float32)
+
+    def add(self, index: torch.Tensor | slice, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> None:
+        """The rows ``index`` of the data, whose log-probs ``chunks`` yields (see :func:`next_token_logprobs`)."""
+        ids = self.data.input_ids[index]
+        targets = None
+        for s, e, logp in chunks:
+            if targets is None:
+                targets = ids[:, 1:].to(logp.device)
+            values, top = torch.topk(logp, self.top_k, dim=-1)
+            self.topk_lp[index, s:e] = values.cpu()
+            self.topk_ids[index, s:e] = top.to(torch.int32).cpu()
+            self.tail[index, s:e] = tail_logmass(logp, top).cpu()
+            self.target[index, s:e] = logp.gather(-1, targets[:, s:e, None].long()).squeeze(-1).cpu()
+
+    def result(self, model_fp: str) -> Reference:
+        data = self.data
+        return Reference(self.topk_lp, self.topk_ids, self.tail, self.target, scored_positions(data.attention_mask),
+                         model_fp, data_fingerprint(data), self.top_k, self.vocab, tuple(data.domains),
+                         data_fingerprints(data))
+
+
 def build_reference(model: torch.nn.Module, data: TokenData, *, top_k: int = 64, batch_size: int = 8,
                     progress: bool = True) -> Reference:
     """Run the (unmasked) model once over every row of ``data`` and keep the top-``top_k`` log-probs per position."""
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    if not 1 <= top_k <= vocab:
-        raise UsageError(f"reference top-K must lie between 1 and the vocabulary size {vocab}, got {top_k}")
     if batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
-    if data.seq_len < 2:
-        raise UsageError("sequences need at least 2 tokens to score a next-token prediction")
-    n, positions = len(data), data.seq_len - 1
-    topk_lp = torch.empty(n, positions, top_k, dtype=torch.float32)
-    topk_ids = torch.empty(n, positions, top_k, dtype=torch.int32)
-    tail = torch.empty(n, positions, dtype=torch.float32)
-    target = torch.empty(n, positions, dtype=torch.float32)
-    bar = tqdm(total=n, desc="reference", unit="seq", disable=not progress)
+    builder = ReferenceBuilder(data, top_k, vocab)
+    bar = tqdm(total=len(data), desc="reference", unit="seq", disable=not progress)
     with torch.inference_mode():
         row = 0
         for ids, mask, _ in data.batches(batch_size):
             rows = slice(row, row + ids.shape[0])
             row += ids.shape[0]
-            targets = ids[:, 1:].to(model_device(model))
-            for s, e, logp in next_token_logprobs(model, ids, mask):
-                values, index = torch.topk(logp, top_k, dim=-1)
-                topk_lp[rows, s:e] = values.cpu()
-                topk_ids[rows, s:e] = index.to(torch.int32).cpu()
-                tail[rows, s:e] = tail_logmass(logp, index).cpu()
-                target[rows, s:e] = logp.gather(-1, targets[:, s:e, None].long()).squeeze(-1).cpu()
+            builder.add(rows, next_token_logprobs(model, ids, mask))
             bar.update(ids.shape[0])
     bar.close()
-    return Reference(topk_lp, topk_ids, tail, target, scored_positions(data.attention_mask),
-                     model_fingerprint(model), data_fingerprint(data), top_k, vocab, tuple(data.domains),
-                     data_fingerprints(data))
+    return builder.result(model_fingerprint(model))
 
 
 def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64,
@@ -324,8 +349,15 @@ def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64
 
     ``cache_dir`` is the cache root (default :func:`cache_root`); entries live under ``<root>/reference/<key>``.
     """
+    return cached_reference(model_fingerprint(model, cache_dir), data, top_k, cache_dir,
+                            lambda: build_reference(model, data, top_k=top_k, batch_size=batch_size, progress=progress))
+
+
+def cached_reference(model_fp: str, data: TokenData, top_k: int, cache_dir: str | Path | None,
+                     build: Callable[[], Reference]) -> Reference:
+    """The cached reference of the model fingerprinted ``model_fp`` on ``data``, or ``build()``'s, stored: one
+    cache entry whichever way the model runs (resident or streamed from its shards)."""
     root = cache_root(cache_dir)
-    model_fp = model_fingerprint(model, cache_dir)
     key = reference_key(model_fp, data_fingerprint(data), top_k)
     directory = root / "reference" / key
     if (directory / "manifest.json").exists():
@@ -338,7 +370,9 @@ def reference_cached(model: torch.nn.Module, data: TokenData, *, top_k: int = 64
             return ref
         except EvoreapError as e:
             log.warning("ignoring unusable cached reference (%s); rebuilding", e)
-    ref = build_reference(model, data, top_k=top_k, batch_size=batch_size, progress=progress)
+    ref = build()
+    if ref.model_fingerprint != model_fp:
+        raise EvoreapError("the reference was built from another model than the one it is cached for")
     ref.save(directory)
     log.info("stored reference distributions (%d tokens, top-%d) in %s", ref.num_tokens, top_k, directory)
     return ref

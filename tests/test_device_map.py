@@ -82,3 +82,36 @@ def test_max_memory_offloads_what_does_not_fit(small_model_dir):
         load_model(str(small_model_dir), device_map="nowhere.json")
     small = load_model(str(small_model_dir), device_map="auto", max_memory="0.0004")  # ~430 kB on the CPU
     assert any(p.device.type == "meta" for p in small.model.parameters())
+
+
+def test_search_with_a_device_map_finds_the_plain_searchs_allocation(models, small_model_dir, tmp_path):
+    """``evoreap search --device-map FILE`` end to end (layers 0-1 on the CPU, 2-3 offloaded to disk; observed,
+    referenced and scored under accelerate's hooks, by the population engine) completes with the plain search's best
+    allocation and the same scores for every candidate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, path = models
+    model_dir = tmp_path / "sharp"  # routers far from uniform and experts that matter: scores far from ties
+    model = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(40)
+            for p in layer.mlp.experts.parameters():
+                p.mul_(8)
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(small_model_dir).save_pretrained(model_dir)
+    results = {}
+    for name, extra in (("plain", []), ("mapped", ["--device-map", str(path), "--engine", "population"])):
+        assert main(["search", "--model", str(model_dir), "--budget", "0.5", "--generations", "1", "--offspring", "2",
+                     "--population", "2", "--fidelities", "64,96,128", "--survivors", "2,1", "--calib-tokens", "128",
+                     "--heldout-tokens", "32", "--seq-len", "32", "--batch-size", "4", "--no-plots", "--allow-overlap",
+                     "--runs-dir", str(tmp_path / "runs"), "--run", name, "--cache-dir", str(tmp_path / name), "-q",
+                     *extra]) == 0
+        run = tmp_path / "runs" / name
+        results[name] = (json.loads((run / "result.json").read_text()), json.loads((run / "history.json").read_text()))
+    (plain, plain_history), (mapped, mapped_history) = results["plain"], results["mapped"]
+    assert mapped["best"] == plain["best"] and mapped["trials"] == plain["trials"] > 3
+    assert mapped["best_value"] == pytest.approx(plain["best_value"], rel=1e-4) and plain["best_value"] > 1e-4
+    assert mapped_history["scored_top"].keys() == plain_history["scored_top"].keys()
+    for key, v in plain_history["scored_top"].items():
+        assert mapped_history["scored_top"][key] == pytest.approx(v, rel=1e-4, abs=1e-9)

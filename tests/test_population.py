@@ -112,6 +112,31 @@ def test_work_is_shared_and_cached():
     assert none.work.computed == 2 * n * positions
 
 
+def test_elites_states_outlive_others_in_a_full_cache():
+    """A cache that holds one candidate's states: under plain LRU a stranger's states push out the elite's; pinned
+    (``retain``), the elite's stay, and its child computes only the layers after its first change."""
+    model, adapter, data, ref, g = _setup("qwen3_moe")
+    layers, n = adapter.moe_layer_indices, len(model.get_decoder().layers)
+    elite = {i: _random_mask(adapter, g) for i in layers}
+    stranger = {i: _random_mask(adapter, g) for i in layers}
+    child = {**elite, layers[-1]: _random_mask(adapter, g)}
+    positions = len(data) * data.seq_len
+    state = 3 * data.seq_len * adapter.config.hidden_size * 4  # one batch of 3 rows after one layer, float32
+    computed = {}
+    for pin in (False, True):
+        pop = PopulationEvaluator(model, adapter, data, reference=ref, batch_size=3, cache=StateCache(2 * n * state))
+        pop.score([elite], proxies="kl")
+        if pin:
+            pop.retain([elite])
+        pop.score([stranger], proxies="kl")  # differs from layer 0 on: n new states per batch
+        before = pop.work.computed
+        got = pop.score([child], proxies=PROXIES)[0]
+        _close(got, evaluate(model, adapter, child, data, proxies=PROXIES, reference=ref, batch_size=3))
+        computed[pin] = pop.work.computed - before
+    assert computed[True] == (n - layers[-1]) * positions
+    assert computed[False] > computed[True]
+
+
 def test_progress_within_a_call():
     """Every batch reports tokens scored so far (over all candidates) and the total (issue: silent scoring)."""
     model, adapter, data, ref, g = _setup("mixtral")

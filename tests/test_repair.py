@@ -3,6 +3,7 @@ never makes the search split worse, and an export of the repaired model reloads 
 repaired masked model's logits."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from evoreap.adapters import MoEAdapter
 from evoreap.allocation import Allocation, select_experts
 from evoreap.data import TokenData
-from evoreap.errors import UsageError
+from evoreap.errors import SettingError, UsageError
 from evoreap.export import export_pruned
 from evoreap.masking import masked
 from evoreap.proxies import evaluate
@@ -133,6 +134,10 @@ def test_a_repair_that_does_not_help_is_rejected():
                      settings=RepairSettings(params="router", lr=50.0, epochs=1, batch_size=4, evals_per_epoch=1,
                                              patience=1), progress=False)
     named = dict(model.named_parameters())
+    tries = rep.meta["attempts"]  # a rejected fit is retried at a third of the learning rate, twice at most
+    assert [t["lr"] for t in tries] == pytest.approx([50.0, 50 / 3, 50 / 9][:len(tries)])
+    assert all(not t["accepted"] for t in tries[:-1]) and (tries[-1]["accepted"] or len(tries) == 3)
+    assert tries[-1]["accepted"] == rep.accepted
     if not rep.accepted:
         assert all(torch.equal(v, named[k]) for k, v in rep.tensors.items())
     assert _kl(model, adapter, kept, stop, stop_ref, rep) <= rep.meta["search"]["kl_before"] + 1e-9
@@ -209,3 +214,17 @@ def test_api_and_cli_repair_then_evaluate_and_export_apply_it(tmp_path):
     assert json.dumps(record).count('"objective": "kl"') == 1
     exported = evoreap.evaluate(pruned=out, tokens=1024, seq_len=128)
     assert exported.results["pruned (exported)"]["overall"]["kl"] == pytest.approx(kl_fixed, abs=1e-4)
+
+
+def test_learning_rate_schedule_is_a_function_of_the_step():
+    from evoreap.recovery.repair import lr_at
+
+    s = RepairSettings(lr=0.01, schedule="cosine")
+    lrs = [lr_at(s, i, 100) for i in range(100)]
+    assert lrs[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01])  # 5% warm-up
+    assert lrs[5] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 94 / 95)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then it only decays
+    assert lrs[52] == pytest.approx(0.005, rel=0.05)  # half-way through the decay: half the peak
+    assert {lr_at(RepairSettings(lr=0.01, schedule="constant"), i, 100) for i in range(100)} == {0.01}
+    with pytest.raises(SettingError, match="schedule"):
+        RepairSettings(schedule="linear").check()

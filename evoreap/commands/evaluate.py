@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_runtime_arguments(p)
     add_placement_arguments(p)
+    p.add_argument("--offload", action="store_true", help=setting_help("offload"))
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--allocation", help="allocation JSON (best_allocation.json of a search, or your own)")
     what.add_argument("--pruned", help="a directory written by evoreap export")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                              allow_overlap=args.allow_overlap, dtype=args.dtype, device=args.device, seed=args.seed,
                              trust_remote_code=args.trust_remote_code, harness=harness,
                              chat_template=args.chat_template, repair=repair, device_map=args.device_map,
-                             max_memory=args.max_memory)
+                             max_memory=args.max_memory, offload=args.offload)
     report = result.as_dict()
     if args.out is not None:
         out = Path(args.out)

@@ -10,7 +10,7 @@ from pathlib import Path
 from evoreap.api import repair
 from evoreap.commands.common import (DEFAULTS, add_model_arguments, add_runtime_arguments, positive_int,
                                      seq_len_type, setting_help)
-from evoreap.recovery.repair import OBJECTIVES, PARAM_SETS, RepairSettings
+from evoreap.recovery.repair import FIT_TOKENS, OBJECTIVES, PARAM_SETS, SCHEDULES, RepairSettings
 
 NAME = "repair"
 HELP = ("router repair after pruning: fit the kept router rows (+ norm before each MoE block, + per-expert output "
@@ -37,10 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "calibration data, else demo)")
     g.add_argument("--stop-data", default=None, help="early-stopping text (split search; None: the allocation's "
                                                      "search data, else demo)")
-    g.add_argument("--fit-tokens", type=positive_int, default=16384, help="tokens of fitting text")
+    g.add_argument("--fit-tokens", type=positive_int, default=FIT_TOKENS, help="tokens of fitting text")
     g.add_argument("--stop-tokens", type=positive_int, default=8192, help="tokens of early-stopping text")
     g.add_argument("--epochs", type=positive_int, default=RepairSettings.epochs, help="passes over the fitting text")
-    g.add_argument("--lr", type=float, default=RepairSettings.lr, help="Adam learning rate")
+    g.add_argument("--lr", type=float, default=RepairSettings.lr, help="Adam learning rate (peak, with a schedule)")
+    g.add_argument("--schedule", default=RepairSettings.schedule, choices=SCHEDULES,
+                   help="learning rate over the steps: cosine (5%% warm-up, then cosine decay to 0) or constant")
     g.add_argument("--patience", type=positive_int, default=RepairSettings.patience,
                    help="search-split evaluations without improvement before stopping")
     g.add_argument("--batch-size", type=positive_int, default=RepairSettings.batch_size, help="sequences per step")
@@ -54,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     result = repair(args.model, args.allocation, params=args.params, objective=args.objective, out=args.out,
                     data=args.data, stop_data=args.stop_data, fit_tokens=args.fit_tokens,
                     stop_tokens=args.stop_tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                    epochs=args.epochs, patience=args.patience, seed=args.seed, criterion=args.criterion,
-                    observation=args.observation, cache_dir=args.cache_dir, dtype=args.dtype, device=args.device,
+                    epochs=args.epochs, patience=args.patience, schedule=args.schedule, seed=args.seed,
+                    criterion=args.criterion, observation=args.observation, cache_dir=args.cache_dir,
+                    dtype=args.dtype, device=args.device,
                     trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps({"path": str(result.path), "accepted": result.accepted,

@@ -39,7 +39,7 @@ from evoreap.checkpoint.reader import INDEX_NAME, CheckpointIndex, read_tensor
 from evoreap.data import load_tokens
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.fingerprint import checkpoint_fingerprint
-from evoreap.models import LoadedModel, load_config, load_tokenizer, parse_dtype, resolve_model
+from evoreap.models import LoadedModel, load_config, load_tokenizer, model_class, parse_dtype, resolve_model
 from evoreap.observe.recorder import Recorder, recording
 from evoreap.observe.stats import ExpertStats
 from evoreap.observe.store import model_info, observe_cached
@@ -195,12 +195,12 @@ class SequentialModel:
 
     def __init__(self, path: str, config: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  max_hidden_bytes: int = 2 << 30):
-        from transformers import AutoModelForCausalLM  # lazy: transformers' auto classes take ~1.7 s to import
-
         self.path, self.device, self.max_hidden_bytes = path, torch.device(device), max_hidden_bytes
         self.adapter = MoEAdapter(config)
+        cls = model_class(path, config)  # evoreap's own class for its non-uniform exports, as load_model's
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else \
+                cls._from_config(config, dtype=dtype)
         self.model.eval()
         self.decoder = self.model.get_decoder()
         self.prefix = next(n for n, m in self.model.named_modules() if m is self.decoder)

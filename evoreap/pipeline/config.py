@@ -53,9 +53,14 @@ class SearchConfig:
     device_map: str | None = setting(None, "place the model through accelerate: auto, balanced, balanced_low_0, "
                                            "sequential, or a JSON file of module -> device (an index, cpu, disk); "
                                            "None: all on --device", group="model", metavar="MAP")
-    max_memory: str | None = setting(None, "memory for the model's weights with --device-map: GB on --device "
-                                           "(e.g. 2), or DEVICE=SIZE pairs (0=20GiB,cpu=60GiB); the rest is "
-                                           "offloaded to disk", group="model", metavar="MEM")
+    max_memory: str | None = setting(None, "GB (e.g. 2) without --device-map: a model whose weights exceed it is "
+                                           "streamed layer by layer from its shards (as --offload); with "
+                                           "--device-map, memory for accelerate's placement: GB on --device or "
+                                           "DEVICE=SIZE pairs (0=20GiB,cpu=60GiB), the rest offloaded to disk",
+                                     group="model", metavar="MEM")
+    offload: bool = setting(False, "stream the model from its safetensors shards one decoder layer at a time "
+                                   "(models larger than memory): the whole model is never loaded; each stage of "
+                                   "candidates reads every layer once", group="model")
     seed: int = setting(0, "seed for data order, sampling and the search", group="model")
     # -- budget (give one) ------------------------------------------------------------------------------------------
     budget: float | None = setting(None, "fraction of routed-expert parameters kept, in (0, 1]", group="budget",
@@ -84,11 +89,13 @@ class SearchConfig:
     trials: int | None = setting(None, "stop after this many scored trials", group="search")
     time_limit: float | None = setting(None, "stop after this many seconds", group="search")
     token_budget: int | None = setting(None, "stop after scoring this many tokens", group="search")
-    # single stays the default until the population engine is faster where it shares little: on the demo it
-    # computes 0.81 of the layer work but takes 1.09x the time (benchmarks/population.py); same values either way
-    engine: str = setting("single", "how candidates are scored: single (one masked forward each) or population (a "
-                                    "whole stage layer by layer, shared prefixes computed once); same values",
-                          group="search", choices=("single", "population"))
+    # auto picks the population engine for a resident model: on the demo's main search it computes 0.573 of the
+    # layer work of one forward per candidate and takes 0.86x single's wall time, same best allocation
+    # (benchmarks/population.py); a streamed model (--offload / --max-memory) always scores whole stages
+    engine: str = setting("auto", "how candidates are scored: auto (population for a resident model, streamed "
+                                  "from the shards with --offload / --max-memory), single (one masked forward each) "
+                                  "or population (a whole stage layer by layer, shared prefixes computed once); "
+                                  "same values", group="search", choices=("auto", "single", "population"))
     state_cache_gb: float = setting(1.0, "memory for hidden states the population engine keeps across "
                                          "generations, in GB (0: none)", group="search", metavar="GB")
     floor: str | None = setting(None, "per-domain floors, DOMAIN:PROXY=BOUND comma-separated (e.g. "

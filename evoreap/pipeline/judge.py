@@ -20,10 +20,12 @@ from evoreap.data.guard import check_overlap
 from evoreap.data.loader import check_data, check_seq_len
 from evoreap.errors import UsageError
 from evoreap.harness import check_chat_template, harness_run  # imports lm_eval only when it runs
-from evoreap.evaluation import Candidate, as_row, generate, prompts_for, score
+from evoreap.evaluation import METRICS, Candidate, as_row, generate, prompts_for, score
 from evoreap.masking import masked
 from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer
 from evoreap.pipeline.choose import choose_experts
+from evoreap.pipeline.streaming import open_streamed, placement_memory, wants_streaming
+from evoreap.proxies.streamed import StreamedEvaluator, streamed_reference_cached
 from evoreap.observe.store import load_observation
 from evoreap.recovery.store import Repair, applied
 from evoreap.reference import reference_cached
@@ -73,12 +75,14 @@ def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation |
                     allow_overlap: bool = False, dtype: str = "float32", device: str = "cpu", seed: int = 0,
                     trust_remote_code: bool = False, harness: Any = None,
                     chat_template: str | Path | None = None, repair: Repair | None = None,
-                    device_map: str | dict | None = None, max_memory: str | float | dict | None = None
-                    ) -> EvaluationResult:
+                    device_map: str | dict | None = None, max_memory: str | float | dict | None = None,
+                    offload: bool = False) -> EvaluationResult:
     """Score the unpruned model and the pruned one (``allocation`` under router masks, or the export in ``pruned``)
     on ``data`` (split ``heldout``). ``harness`` is ``(settings, task manager)`` from :mod:`evoreap.harness`;
     ``chat_template`` a Jinja template file for chat records. The data, the observation and the model's config
-    are checked before any weight is read."""
+    are checked before any weight is read. ``offload`` (or ``max_memory`` as a plain number of GB, without
+    ``device_map``, below the weights' size) streams the model layer by layer from its shards instead of loading it
+    (no generations nor lm-eval then: they need the whole model)."""
     if (allocation is None) == (pruned is None):
         raise UsageError("evaluate one pruned model: give an allocation or an exported directory, not both")
     meta, where = pruning_meta(allocation, pruned)
@@ -99,8 +103,16 @@ def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation |
                    tokenizer=lambda: load_tokenizer(name, trust_remote_code=trust_remote_code))
         if harness:  # --apply-chat-template on a tokenizer without a template: refused before any weight is read
             check_chat_template(harness[0], lambda: load_tokenizer(name, trust_remote_code=trust_remote_code))
+        if wants_streaming(model, offload=offload, device_map=device_map, max_memory=max_memory, dtype=dtype,
+                           trust_remote_code=trust_remote_code):
+            return _evaluate_streamed(model, allocation=allocation, pruned=pruned, data=data, tokens=tokens,
+                                      seq_len=seq_len, batch_size=batch_size, reference_top_k=reference_top_k,
+                                      criterion=criterion, observation=observation, cache_dir=cache_dir,
+                                      generate_tokens=generate_tokens, dtype=dtype, device=device, seed=seed,
+                                      trust_remote_code=trust_remote_code, harness=harness,
+                                      chat_template=chat_template, repair=repair)
         model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                           device_map=device_map, max_memory=max_memory)
+                           device_map=device_map, max_memory=placement_memory(max_memory, device_map))
     loaded = model
     if harness:  # a model loaded by the caller: still refused before any scoring
         check_chat_template(harness[0], lambda: loaded.tokenizer)
@@ -115,7 +127,7 @@ def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation |
                          loaded.adapter, masks, exported=repair is not None)
     else:
         other = load_model(str(pruned), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                           device_map=device_map, max_memory=max_memory)
+                           device_map=device_map, max_memory=placement_memory(max_memory, device_map))
         cand = Candidate("pruned (exported)", other.model, other.adapter, exported=True)
     tok = loaded.tokenizer
     held = load_tokens(data, tok, split="heldout", seq_len=seq_len, tokens=tokens, seed=seed,
@@ -143,6 +155,48 @@ def evaluate_pruned(model: str | LoadedModel | None, *, allocation: Allocation |
     output = {name: r.output for name, r in runs.items()} if runs else None
     spec = data if isinstance(data, str) else "dataset"
     return EvaluationResult(str(loaded.path), spec, held.num_tokens, rows, gens, lm, output)
+
+
+def _evaluate_streamed(model: str, *, allocation: Allocation | None, pruned: str | Path | None, data: Any,
+                       tokens: int, seq_len: int, batch_size: int, reference_top_k: int, criterion: str | None,
+                       observation: str | None, cache_dir: str | None, generate_tokens: int, dtype: str, device: str,
+                       seed: int, trust_remote_code: bool, harness: Any, chat_template: str | Path | None,
+                       repair: Repair | None) -> EvaluationResult:
+    """:func:`evaluate_pruned` with the model streamed from its shards: the unpruned and the pruned model scored in
+    one layer-by-layer pass (a masked allocation), or each from its own shards (an export)."""
+    if harness:
+        raise UsageError("--lm-eval runs the whole model, which is streamed here (--offload / --max-memory); drop "
+                         "one of them")
+    if repair is not None:
+        raise UsageError("a repaired allocation is evaluated on the whole model, which is streamed here (--offload "
+                         "/ --max-memory); pass --no-repair or evaluate where the model fits")
+    if generate_tokens > 0:
+        log.info("no generations: they need the whole model, which is streamed here")
+    streamed = open_streamed(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                             cache_dir=cache_dir)
+    loaded = streamed.loaded
+    held = load_tokens(data, loaded.tokenizer, split="heldout", seq_len=seq_len, tokens=tokens, seed=seed,
+                       model_config=loaded.adapter.config, chat_template=chat_template)
+    if allocation is not None:
+        chosen = choose_experts(allocation, loaded.adapter, str(loaded.path), criterion=criterion,
+                                observation=observation, cache_dir=cache_dir, dtype=dtype, device=device,
+                                trust_remote_code=trust_remote_code)
+    reference = streamed_reference_cached(streamed.seq, held, top_k=reference_top_k, cache_dir=cache_dir,
+                                          batch_size=batch_size)
+    ev = StreamedEvaluator(streamed.seq, held, reference=reference, batch_size=batch_size, cache_dir=cache_dir)
+    if allocation is not None:
+        name = "pruned (masked)"
+        full, cand = ev.score([None, _masks(loaded, chosen.kept)], proxies=METRICS)
+    else:
+        name = "pruned (exported)"
+        (full,) = ev.score([None], proxies=METRICS)
+        other = open_streamed(str(pruned), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                              cache_dir=cache_dir)
+        (cand,) = StreamedEvaluator(other.seq, held, reference=reference, batch_size=batch_size,
+                                    other_model=True).score([None], proxies=METRICS)
+    rows = {"unpruned": as_row(full), name: as_row(cand)}
+    spec = data if isinstance(data, str) else "dataset"
+    return EvaluationResult(str(loaded.path), spec, held.num_tokens, rows)
 
 
 def _masks(loaded: LoadedModel, kept: dict[int, list[int]]) -> dict[int, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,13 +34,18 @@ from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer,
 from evoreap.observe.store import cache_root, observe_cached
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.report import write_report
-from evoreap.recovery.repair import RepairSettings, fit_repair
+from evoreap.recovery.repair import FIT_TOKENS, RepairSettings, fit_repair
 from evoreap.recovery.store import Repair, applied, export_edits, storage_dtype
-from evoreap.recovery.floors import Floor, domain_seeds, floor_proxies, parse_floors, penalized
+from evoreap.recovery.floors import (Floor, domain_seeds, floor_proxies, parse_floors, penalized, ranked_curves,
+                                     repair_for_floors)
 from evoreap.recovery.floors import constraints as floor_constraints
+from evoreap.recovery.reinject import saliency
 from evoreap.pipeline.rundir import RunDir, default_run_name, find_unfinished, identity_hash
 from evoreap.proxies import evaluate, get_proxy, loss_value, parse_proxy_weights, token_order
 from evoreap.proxies.population import PopulationEvaluator, StateCache
+from evoreap.proxies.streamed import StreamedEvaluator, streamed_fingerprint, streamed_reference_cached
+from evoreap.pipeline.streaming import Streamed, memory_limit_gb, observe_streamed, open_streamed, placement_memory, \
+    wants_streaming
 from evoreap.reference import model_fingerprint, reference_cached
 from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
 from evoreap.search.evolution import layer_mass_curves
@@ -70,8 +76,9 @@ class SearchSession:
     observation_key: str
     heldout: TokenData
     stats: Any
-    population: PopulationEvaluator | None = None  # made on first use by stage_scorer
+    population: PopulationEvaluator | StreamedEvaluator | None = None  # made on first use by stage_scorer
     floors: tuple[Floor, ...] = ()  # --floor: per-domain bounds, candidates that miss one are infeasible
+    streamed: Streamed | None = None  # --offload / --max-memory: the model streamed layer by layer from its shards
 
     # -- set-up -----------------------------------------------------------------------------------------------------
     @classmethod
@@ -123,10 +130,23 @@ class SearchSession:
         if config.worker:
             torch.set_num_threads(1)
 
-        if loaded is None:
+        streamed = None
+        if loaded is not None and (config.offload or memory_limit_gb(config.max_memory, config.device_map)):
+            raise SettingError("offload", "{name} / --max-memory stream a model directory from its shards; this "
+                               "model is already in memory: pass its directory instead")
+        if loaded is None and wants_streaming(config.model, offload=config.offload, device_map=config.device_map,
+                                              max_memory=config.max_memory, dtype=config.dtype,
+                                              trust_remote_code=config.trust_remote_code):
+            if config.repair:
+                raise SettingError("repair", "{name} fits router parameters through the whole model, which is "
+                                   "streamed here (--offload / --max-memory); run evoreap repair where it fits")
+            streamed = open_streamed(config.model, dtype=config.dtype, device=config.device,
+                                     trust_remote_code=config.trust_remote_code, cache_dir=config.cache_dir)
+            loaded = streamed.loaded
+        elif loaded is None:
             loaded = load_model(config.model, dtype=config.dtype, device=config.device,
                                 trust_remote_code=config.trust_remote_code, device_map=config.device_map,
-                                max_memory=config.max_memory)
+                                max_memory=placement_memory(config.max_memory, config.device_map))
         sizes = adapter.expert_params_per_layer(loaded.model)
         if len(set(sizes)) > 1:  # layers of unequal expert size: the budget and the space in real parameters
             space = build(sizes)
@@ -147,7 +167,10 @@ class SearchSession:
                                  f"({', '.join(search.domains)})")
 
         identity = {
-            "model": loaded.path, "model_fingerprint": model_fingerprint(loaded.model, config.cache_dir),
+            "model": loaded.path,
+            # the same identity resident or streamed: a run started one way resumes the other
+            "model_fingerprint": streamed_fingerprint(streamed.seq, config.cache_dir) if streamed is not None
+            else model_fingerprint(loaded.model, config.cache_dir),
             "space": space.describe(),
             "criterion": config.criterion, "min_count": config.min_count, "proxy": proxy.name,
             "proxy_weights": weights, "sampler": config.sampler, "evolution": asdict(settings),
@@ -168,15 +191,15 @@ class SearchSession:
         run = RunDir.open(name, runs_dir, identity, config.replace(run=name).to_dict())
         storage_url = config.storage or f"sqlite:///{(run.path / 'study.db').resolve()}"
 
-        key, stats = _observe(loaded, calib, config)
+        key, stats = _observe(loaded, calib, config) if streamed is None else observe_streamed(
+            streamed, calib, cache_dir=config.cache_dir, batch_size=config.batch_size, progress=not config.worker)
         scores = _scores(stats, config)
         mass = score_experts(stats, "reap_x_frequency", min_count=0)
         curves = layer_mass_curves(space, mass)
         reference = None
         floors = parse_floors(config.floor)
         if proxy.needs_reference or any(get_proxy(f.proxy).needs_reference for f in floors):
-            reference = reference_cached(loaded.model, search, top_k=config.reference_top_k, cache_dir=config.cache_dir,
-                                         batch_size=config.batch_size, progress=not config.worker)
+            reference = _reference(loaded, streamed, search, config)
         storage = open_storage(storage_url)
         # One study per run and settings: runs sharing a --storage URL never see each other's trials. The model's
         # path is left out so that workers on other machines (other paths, same weights) join the same study.
@@ -193,7 +216,7 @@ class SearchSession:
                  adapter.name, len(space.layers), adapter.num_experts, space.budget.described, space.total,
                  space.uniform[0] if len(set(space.uniform)) == 1 else list(space.uniform), run.path, time.time() - t0)
         return cls(config, loaded, space, settings, run, storage_url, study, search, scores, curves, reference,
-                   token_order(search, config.seed), weights, key, heldout, stats, floors=floors)
+                   token_order(search, config.seed), weights, key, heldout, stats, floors=floors, streamed=streamed)
 
     # -- scoring ----------------------------------------------------------------------------------------------------
     def masks_for(self, counts: tuple[int, ...], scores: dict[int, torch.Tensor] | None = None):
@@ -201,6 +224,8 @@ class SearchSession:
         return keep_masks(self.loaded.adapter, alloc, scores or self.scores)
 
     def scorer(self, counts: tuple[int, ...], tokens: int) -> tuple[float, dict[str, Any]]:
+        if self.streamed is not None:  # one candidate is a stage of one: every layer read once
+            return self.stage_scorer([(counts, tokens)])[0]
         result = evaluate(self.loaded.model, self.loaded.adapter, self.masks_for(counts), self.search_data,
                           proxies=_proxies(self.config.proxy, self.floors), reference=self.reference,
                           order=self.order, n_tokens=tokens, batch_size=self.config.batch_size)
@@ -221,6 +246,12 @@ class SearchSession:
                      ) -> list[tuple[float, dict[str, Any]]]:
         """Score a group of (allocation, tokens) requests together with the population engine (shared prefixes and
         hidden states kept across generations); the same values as :meth:`scorer` gives one by one."""
+        if self.population is None and self.streamed is not None:
+            # a stage checkpoints after every layer under the run directory: a killed stage resumes there
+            self.population = StreamedEvaluator(self.streamed.seq, self.search_data, reference=self.reference,
+                                                order=self.order, batch_size=self.config.batch_size,
+                                                max_state_bytes=int(self.config.state_cache_gb * 2**30),
+                                                resume_dir=self.run.path / "streamed", cache_dir=self.config.cache_dir)
         if self.population is None:
             cache = StateCache(int(self.config.state_cache_gb * 2**30))
             self.population = PopulationEvaluator(self.loaded.model, self.loaded.adapter, self.search_data,
@@ -242,8 +273,19 @@ class SearchSession:
                                         "routed_params": self.space.routed_params(counts)})
         return out
 
+    def retain_elites(self, elites: list[tuple[int, ...]]) -> None:
+        """Tell the population engine (if it keeps states across stages) which candidates are the elites: their
+        hidden states stay cached before any other's, since the next generation's children start from them."""
+        retain = getattr(self.population, "retain", None)
+        if retain is not None:
+            retain([self.masks_for(c) for c in elites])
+
     def _stage_scorer(self):
-        return self.stage_scorer if self.config.engine == "population" else None
+        # auto: the population engine (0.86x single's time on the demo's main search, same values); a streamed
+        # model always scores whole stages, each layer read once per stage
+        if self.streamed is not None or self.config.engine in ("auto", "population"):
+            return self.stage_scorer
+        return None
 
     # -- roles ------------------------------------------------------------------------------------------------------
     def work(self) -> None:
@@ -297,7 +339,8 @@ class SearchSession:
             if self.config.sampler == "evolution":
                 result = Leader(self.study, self.space, self.scorer, s, self.curves, limits,
                                 on_progress=progress, stage_scorer=self._stage_scorer(), group=self._group(),
-                                on_stage=on_stage, extra_seeds=self.check_floors()).run()
+                                on_stage=on_stage, extra_seeds=self.check_floors(),
+                                on_elites=self.retain_elites).run()
             else:
                 result = optuna_sampler_search(self.study, self.space, self.scorer, self.config.sampler, s, limits,
                                                on_progress=progress)
@@ -312,7 +355,7 @@ class SearchSession:
         it beside best_allocation.json, and score it on held-out data."""
         cfg, model, adapter = self.config, self.loaded.model, self.loaded.adapter
         fit = load_tokens(cfg.calib_data, self.loaded.tokenizer, split="calibration", seq_len=cfg.seq_len,
-                          tokens=min(cfg.calib_tokens, 16384), seed=cfg.seed)
+                          tokens=min(cfg.calib_tokens, FIT_TOKENS), seed=cfg.seed)
         settings = RepairSettings(params=cfg.repair, seed=cfg.seed)
 
         def ref_of(data: TokenData) -> Any:
@@ -338,12 +381,42 @@ class SearchSession:
 
     def check_floors(self) -> dict[str, tuple[int, ...]]:
         """Before the search: one seed per floored domain (the analytic allocation from that domain's saliency),
-        and each floor checked on the seeds at full fidelity; a floor that none of them meets is reported with the
-        best value they reach (the search then treats candidates that miss it as infeasible). Returns the seeds."""
+        checked on the floors at full fidelity; a seed that breaks a floor is repaired by moving layer steps while
+        that helps (:func:`repair_for_floors`) and the result joins the seeds. A floor that none of them meets is
+        reported with the best value they reach, the repaired seeds included (the search then treats candidates
+        that miss it as infeasible). Returns the seeds."""
         if not self.floors:
             return {}
         seeds = {"uniform": self.space.uniform, **domain_seeds(self.space, self.stats, self.floors)}
-        checked = {name: self.scorer(c, self.settings.fidelities[-1])[1] for name, c in seeds.items()}
+        fidelity = self.settings.fidelities[-1]
+        checked = {name: self.scorer(c, fidelity)[1] for name, c in seeds.items()}
+        moves: dict[str, Any] = {}
+        for domain in dict.fromkeys(f.domain for f in self.floors):
+            # a domain seed that breaks a floor is moved towards the floors, layer step by layer step, ranked by the
+            # domain's saliency in the criterion's order and kept only where measured to help
+            name = f"floor:{domain}"
+            if any(all(v <= 0 for v in c["constraints"].values()) for c in checked.values()):
+                break  # a seed already meets every floor
+            # start from the seed closest to the floors (on the demo the uniform one, not the domain's own seed)
+            start = min(checked, key=lambda n: (sum(max(0.0, v) for v in checked[n]["constraints"].values()), n))
+            if all(checked[start]["constraints"][f.name] <= 0 for f in self.floors if f.domain == domain):
+                continue  # this domain's floors hold there: its saliency cannot guide the moves the others need
+            scored: dict[tuple[int, ...], dict[str, Any]] = {}
+
+            def violations(c: tuple[int, ...]) -> dict[str, float]:
+                scored[c] = self.scorer(c, fidelity)[1]
+                return scored[c]["constraints"]
+
+            fixed = repair_for_floors(self.space, seeds[start],
+                                      ranked_curves(self.space, saliency(self.stats, domain), self.scores),
+                                      violations, start=checked[start]["constraints"])
+            moves[name] = {"from": start, "moves": [list(m) for m in fixed.moves],
+                           "evaluations": fixed.evaluations}
+            if fixed.moves:
+                seeds[f"{name}:repaired"], checked[f"{name}:repaired"] = fixed.counts, scored[fixed.counts]
+                log.info("seed %s repaired for the %s floors in %d moves (%d evaluations): floor excess %.4f -> "
+                         "%.4f", start, domain, len(fixed.moves), fixed.evaluations,
+                         sum(max(0.0, v) for v in checked[start]["constraints"].values()), fixed.excess)
         for f in self.floors:
             best_name = min(checked, key=lambda n: checked[n]["constraints"][f.name])
             worst = checked[best_name]["constraints"][f.name]
@@ -355,7 +428,8 @@ class SearchSession:
                 log.info("floor %s: met by seed %s (%.4f)", f.describe(), best_name, value)
         self.run.write("floors.json", {"floors": [f.describe() for f in self.floors],
                                        "seeds": {n: {"counts": list(seeds[n]), "constraints": v["constraints"],
-                                                     "per_domain": v["per_domain"]} for n, v in checked.items()}})
+                                                     "per_domain": v["per_domain"]} for n, v in checked.items()},
+                                       "repairs": moves})
         return {n: c for n, c in seeds.items() if n != "uniform"}
 
     def _group(self) -> int | None:
@@ -369,9 +443,7 @@ class SearchSession:
         space, adapter = self.space, self.loaded.adapter
         best, uniform = tuple(result["best"]), space.uniform
         heldout = self.heldout
-        ref = reference_cached(self.loaded.model, heldout, top_k=self.config.reference_top_k,
-                               cache_dir=self.config.cache_dir, batch_size=self.config.batch_size,
-                               progress=not self.config.quiet)
+        ref = _reference(self.loaded, self.streamed, heldout, self.config, progress=not self.config.quiet)
         names = ("nll", "kl", "esap")
         candidates = {"unpruned": None, f"uniform ({self.config.criterion})": self.masks_for(uniform)}
         for baseline in ("reap", "frequency"):  # the usual uniform baselines, beside the chosen criterion's
@@ -380,8 +452,13 @@ class SearchSession:
                                                                                       baseline))
         candidates["searched"] = self.masks_for(best)
         # one layer-by-layer pass for the whole table (shared prefixes once), with a bar of scored tokens
-        judge = PopulationEvaluator(self.loaded.model, adapter, heldout, reference=ref,
-                                    batch_size=self.config.batch_size, cache=StateCache(0))
+        if self.streamed is not None:
+            judge = StreamedEvaluator(self.streamed.seq, heldout, reference=ref, batch_size=self.config.batch_size,
+                                      max_state_bytes=int(self.config.state_cache_gb * 2**30),
+                                      cache_dir=self.config.cache_dir)
+        else:
+            judge = PopulationEvaluator(self.loaded.model, adapter, heldout, reference=ref,
+                                        batch_size=self.config.batch_size, cache=StateCache(0))
         bar = tqdm(desc="held-out table", unit="tok", unit_scale=True, disable=self.config.quiet, leave=False)
 
         def advance(done: int, total: int) -> None:
@@ -403,6 +480,7 @@ class SearchSession:
                 "calibration_data": self.config.calib_data, "search_data": self.config.data}
         alloc = Allocation(space.layers, best, meta).with_experts(kept)
         self.run.write("history.json", {k: result[k] for k in ("history", "correlations", "scored_top")})
+        shutil.rmtree(self.run.path / "streamed", ignore_errors=True)  # the search is over: no stage to resume
         summary = {k: v for k, v in result.items() if k not in ("history", "scored_top")}
         summary.update(best=list(best), uniform=list(uniform), trials=len(result["history"]), heldout=table,
                        space=space.describe())
@@ -476,6 +554,18 @@ def _evolution_settings(config: SearchConfig) -> EvolutionSettings:
     return EvolutionSettings(generations=config.generations, population=config.population, offspring=config.offspring,
                              fidelities=tuple(config.fidelities), survivors=tuple(config.survivors),
                              guided=config.guided, seed=config.seed)
+
+
+def _reference(loaded: LoadedModel, streamed: Streamed | None, data: TokenData, config: SearchConfig,
+               progress: bool | None = None):
+    """The unpruned model's reference on ``data`` (cached): from the resident model, or built layer by layer from
+    the shards when the model is streamed (the same cache entry either way)."""
+    if streamed is not None:
+        return streamed_reference_cached(streamed.seq, data, top_k=config.reference_top_k, cache_dir=config.cache_dir,
+                                         batch_size=config.batch_size,
+                                         max_state_bytes=int(config.state_cache_gb * 2**30))
+    return reference_cached(loaded.model, data, top_k=config.reference_top_k, cache_dir=config.cache_dir,
+                            batch_size=config.batch_size, progress=not config.worker if progress is None else progress)
 
 
 def _observe(loaded: LoadedModel, calib: TokenData, config: SearchConfig):

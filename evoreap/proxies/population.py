@@ -4,9 +4,9 @@ A candidate is a set of router masks (one per masked MoE layer). Two candidates 
 ``0..l`` have identical hidden states after layer ``l`` on the same tokens, so the candidates of a stage form a
 prefix tree over the layers: each node is the hidden states after one layer under one sequence of masks, computed
 once from its parent node and shared by every candidate below it. Nodes are also kept across calls in a
-:class:`StateCache` bounded by bytes (least recently used out first; optionally spilled to disk), so a child
-that first differs from its elite parent at layer ``l`` starts from the parent's layer-``l`` states of an earlier
-generation on the same rows.
+:class:`StateCache` bounded by bytes (least recently used out first, the current elites' nodes last: see
+:meth:`PopulationEvaluator.retain`; optionally spilled to disk), so a child that first differs from its elite
+parent at layer ``l`` starts from the parent's layer-``l`` states of an earlier generation on the same rows.
 
 The layers are the loaded model's own decoder-layer modules, called with the arguments the model's decoder hands
 them (attention mask of the layer's type, rotary tables, positions: recorded once per batch by one pass of the
@@ -72,10 +72,15 @@ class WorkCount:
 
 
 class StateCache:
-    """Hidden states of prefix-tree nodes per batch of rows, least recently used out first, bounded by ``max_bytes``.
+    """Hidden states of prefix-tree nodes per batch of rows, bounded by ``max_bytes``: least recently used out first,
+    except that states of pinned nodes (:meth:`pin`: the current elites' paths, which their children start from) go
+    only when nothing else is left.
 
-    ``spill_dir`` (or ``spill=True`` for a temporary directory) keeps evicted states in safetensors files instead of
-    dropping them (the disk holds at most ``max_disk_bytes``); they are read back on a hit.
+    Keys are ``(rows, node)``: ``rows`` the batch's row indices as a tuple (a state is only reused for exactly the
+    batch it was computed on, so a candidate's values are bit-equal to its own masked forward, whose batches are the
+    same slices of the token order), ``node`` a prefix-tree node id. ``spill_dir`` (or ``spill=True`` for a temporary
+    directory) keeps evicted states in safetensors files instead of dropping them (the disk holds at most
+    ``max_disk_bytes``); they are read back on a hit.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, *, spill: bool = False,
@@ -83,39 +88,63 @@ class StateCache:
         if max_bytes < 0:
             raise UsageError(f"the hidden-state cache size must be >= 0 bytes, got {max_bytes}")
         self.max_bytes, self.max_disk_bytes = max_bytes, max_disk_bytes
-        self.mem: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.mem: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # unpinned, least recently used first
+        self.kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # pinned nodes' states
+        self.pinned: frozenset[int] = frozenset()
         self.bytes = 0
         self._dir = tempfile.TemporaryDirectory(prefix="evoreap-states-") if spill else None
         self.disk: OrderedDict[tuple, tuple[str, int]] = OrderedDict()
         self.disk_bytes = 0
+        self._files = 0
         self.hits = self.misses = 0
 
     def __contains__(self, key: tuple) -> bool:
-        return key in self.mem or key in self.disk
+        return key in self.mem or key in self.kept or key in self.disk
 
     def get(self, key: tuple, device: torch.device) -> torch.Tensor:
-        if key in self.mem:
-            self.mem.move_to_end(key)
-            self.hits += 1
-            return self.mem[key].to(device)
+        for held in (self.kept, self.mem):
+            if key in held:
+                held.move_to_end(key)
+                self.hits += 1
+                return held[key].to(device)
         path, _ = self.disk[key]
         self.disk.move_to_end(key)
         self.hits += 1
-        return load_file(path)["h"].to(device)
+        t = load_file(path)["h"].to(device)
+        if key[1] in self.pinned:  # an elite's state back in memory: its children start from it
+            self._hold(key, t)
+        return t
 
     def put(self, key: tuple, t: torch.Tensor) -> None:
-        size = t.numel() * t.element_size()
         if key in self:
             return
+        self._hold(key, t)
+
+    def pin(self, nodes: set[int] | frozenset[int]) -> None:
+        """Keep the states of ``nodes`` (on any rows) in memory before all others; replaces the previous pins.
+        States of nodes no longer pinned become the next to go."""
+        self.pinned = frozenset(nodes)
+        unpinned = OrderedDict((k, v) for k, v in self.kept.items() if k[1] not in self.pinned)
+        for k in unpinned:
+            del self.kept[k]
+        for k in [k for k in self.mem if k[1] in self.pinned]:
+            self.kept[k] = self.mem.pop(k)
+        unpinned.update(self.mem)
+        self.mem = unpinned
+
+    def _hold(self, key: tuple, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
         if size > self.max_bytes:  # larger than the memory budget: straight to disk, if there is one
-            self._spill(key, t)
+            if key not in self.disk:
+                self._spill(key, t)
             return
-        self.mem[key] = t
+        (self.kept if key[1] in self.pinned else self.mem)[key] = t
         self.bytes += size
         while self.bytes > self.max_bytes:
-            old, value = self.mem.popitem(last=False)
+            old, value = (self.mem or self.kept).popitem(last=False)
             self.bytes -= value.numel() * value.element_size()
-            self._spill(old, value)
+            if old not in self.disk:
+                self._spill(old, value)
 
     def _spill(self, key: tuple, t: torch.Tensor) -> None:
         if self._dir is None:
@@ -127,13 +156,15 @@ class StateCache:
             self.disk_bytes -= n
         if size > self.max_disk_bytes:
             return
-        path = os.path.join(self._dir.name, f"{len(self.disk)}-{abs(hash(key))}.safetensors")
+        self._files += 1
+        path = os.path.join(self._dir.name, f"{self._files}.safetensors")
         save_file({"h": t.detach().cpu().contiguous()}, path)
         self.disk[key] = (path, size)
         self.disk_bytes += size
 
     def clear(self) -> None:
         self.mem.clear()
+        self.kept.clear()
         self.bytes = 0
         for path, _ in self.disk.values():
             os.unlink(path)
@@ -203,6 +234,11 @@ class PopulationEvaluator:
             node = self._trie.setdefault((node, key), len(self._trie) + 1)
             path.append(node)
         return tuple(path)
+
+    def retain(self, candidates: Sequence[Masks]) -> None:
+        """Keep the hidden states on these candidates' paths (the current elites: the next generation's children
+        start from them) in the cache before any other state; replaces the previous call's choice."""
+        self.cache.pin({node for m in candidates for node in self._path(m)[1:]})
 
     # -- scoring -----------------------------------------------------------------------------------------------------
     def score(self, candidates: Sequence[Masks], *, proxies: Sequence[str] | str = ("kl",),

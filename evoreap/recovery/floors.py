@@ -9,7 +9,9 @@ A candidate's violation of a floor is ``bound - value`` (at-least floors) or ``v
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from evoreap.errors import UsageError
 from evoreap.proxies import get_proxy
 from evoreap.recovery.reinject import saliency
 from evoreap.search.evolution import analytic_seed, layer_mass_curves
+
+log = logging.getLogger(__name__)
 
 PENALTY = 1e6  # added to an infeasible candidate's value: larger than any proxy value
 
@@ -94,3 +98,84 @@ def domain_seeds(space: Any, stats: Any, floors: tuple[Floor, ...]) -> dict[str,
         mass: dict[int, torch.Tensor] = saliency(stats, domain)
         out[f"floor:{domain}"] = analytic_seed(space, layer_mass_curves(space, mass))
     return out
+
+
+def ranked_curves(space: Any, mass: dict[int, torch.Tensor], scores: dict[int, torch.Tensor]) -> list[list[float]]:
+    """Per layer, the share of ``mass`` (a domain's saliency, over all layers) kept by the top 0..E experts in
+    ``scores``' order, the experts a keep count actually keeps (stable descending sort, as
+    :func:`evoreap.allocation.kept_experts`). Shares of the whole, not of each layer: moving a step between layers
+    trades one layer's saliency against another's."""
+    total = float(sum(mass[layer].double().clamp(min=0).sum() for layer in space.layers)) or 1.0
+    curves = []
+    for layer in space.layers:
+        m = mass[layer].double().clamp(min=0)
+        order = torch.sort(-scores[layer].double(), stable=True).indices
+        curves.append([0.0] + (m[order].cumsum(0) / total).tolist())
+    return curves
+
+
+@dataclass(frozen=True)
+class FloorRepair:
+    """A seed moved towards its floors: the counts, their violations (floor name -> <= 0 feasible), the moves made
+    (``(from layer position, to layer position)``) and the evaluations spent."""
+
+    counts: tuple[int, ...]
+    violations: dict[str, float]
+    moves: tuple[tuple[int, int], ...]
+    evaluations: int
+
+    @property
+    def excess(self) -> float:
+        return sum(max(0.0, v) for v in self.violations.values())
+
+
+def repair_for_floors(space: Any, counts: tuple[int, ...], curves: list[list[float]],
+                      violations: Callable[[tuple[int, ...]], dict[str, float]], *, start: dict[str, float] | None
+                      = None, tries: int = 4, max_evaluations: int = 32) -> FloorRepair:
+    """Move keep-count steps between layers until the floors hold or no move helps.
+
+    ``curves`` rank the moves: per layer, the floored domain's saliency share kept at each count
+    (:func:`ranked_curves`). A move takes one step from the layer whose last step carries the least of that share
+    and gives it to the layer whose next step carries the most, so the budget stays what it was. The ``tries``
+    best-ranked feasible moves are measured (``violations``, at the seed's fidelity) in order, and the first that
+    lowers the total violation is kept; when none does, or ``max_evaluations`` are spent, the repair stops. The
+    saliency only ranks: every kept move was measured to help."""
+    c = tuple(counts)
+    current = dict(start) if start is not None else violations(c)
+    spent = 0 if start is not None else 1
+    moves: list[tuple[int, int]] = []
+
+    def excess(v: dict[str, float]) -> float:
+        return sum(max(0.0, x) for x in v.values())
+
+    seen = {c}
+    while excess(current) > 0 and spent < max_evaluations:
+        ranked = []
+        for d in range(len(c)):
+            for r in range(len(c)):
+                if d == r:
+                    continue
+                n = list(c)
+                n[d] -= space.step
+                n[r] += space.step
+                cand = tuple(n)
+                if cand in seen or not space.is_feasible(cand):
+                    continue
+                loss = curves[d][c[d]] - curves[d][c[d] - space.step]
+                gain = curves[r][min(c[r] + space.step, len(curves[r]) - 1)] - curves[r][c[r]]
+                ranked.append((gain - loss, -d, -r, cand))
+        ranked.sort(reverse=True)
+        improved = False
+        for _, nd, nr, cand in ranked[:tries]:
+            if spent >= max_evaluations:
+                break
+            seen.add(cand)
+            v = violations(cand)
+            spent += 1
+            if excess(v) < excess(current) - 1e-12:
+                c, current, improved = cand, v, True
+                moves.append((-nd, -nr))
+                break
+        if not improved:
+            break
+    return FloorRepair(c, current, tuple(moves), spent)

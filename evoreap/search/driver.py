@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from evoreap.search import evolution
 from evoreap.search.space import SearchSpace
-from evoreap.search.storage import enqueue, fail_dead_trials, heartbeat, pop_waiting, trials_by_key
+from evoreap.search.storage import claim_trial, enqueue, fail_dead_trials, heartbeat, pop_waiting, trials_by_key
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,35 @@ def score_group(study: optuna.Study, trials: list[optuna.trial.Trial], space: Se
         raise
 
 
-def pop_group(study: optuna.Study, limit: int | None = None) -> list[optuna.trial.Trial]:
-    """Take up to ``limit`` (default: all) WAITING trials, each atomically as :func:`pop_waiting` does."""
-    group: list[optuna.trial.Trial] = []
-    while (limit is None or len(group) < limit) and (trial := pop_waiting(study)) is not None:
-        group.append(trial)
+def pop_group(study: optuna.Study, limit: int | None = None, space: SearchSpace | None = None
+              ) -> list[optuna.trial.Trial]:
+    """Take up to ``limit`` (default: all) WAITING trials, each atomically as :func:`pop_waiting` does.
+
+    With ``space``, a share that shares prefixes: the waiting trials in prefix-tree order (by tokens, then keep
+    counts layer by layer, so trials that agree on layers 0..l are adjacent) and this process takes the first run
+    of up to ``limit`` that no other process has taken; a population engine computes their common layers once.
+    Another worker reading the same queue takes the next run."""
+    if space is None:
+        group: list[optuna.trial.Trial] = []
+        while (limit is None or len(group) < limit) and (trial := pop_waiting(study)) is not None:
+            group.append(trial)
+        return group
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    waiting.sort(key=lambda t: prefix_key(t, space))
+    group = []
+    for t in waiting:
+        if limit is not None and len(group) >= limit:
+            break
+        if (trial := claim_trial(study, t)) is not None:
+            group.append(trial)
     return group
+
+
+def prefix_key(trial: optuna.trial.FrozenTrial, space: SearchSpace) -> tuple[int, tuple[int, ...]]:
+    """(tokens, keep counts in layer order) of a queued trial: sorting by it puts trials that share a prefix of the
+    layers together (the depth-first order of their prefix tree), within each fidelity."""
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    return int(trial.user_attrs.get("tokens", 0)), tuple(int(params.get(f"k{layer}", -1)) for layer in space.layers)
 
 
 def work_queue(study: optuna.Study, space: SearchSpace, scorer: Scorer, stage_scorer: StageScorer | None = None,
@@ -175,7 +198,7 @@ def work_queue(study: optuna.Study, space: SearchSpace, scorer: Scorer, stage_sc
             score_trial(study, trial, space, scorer)
             done += 1
         return done
-    while trials := pop_group(study, group):
+    while trials := pop_group(study, group, space):
         score_group(study, trials, space, stage_scorer, progress)
         done += len(trials)
     return done
@@ -189,13 +212,16 @@ class Leader:
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
                  stage_scorer: StageScorer | None = None, group: int | None = None,
                  on_stage: Callable[[dict[str, Any]], None] | None = None,
-                 extra_seeds: dict[str, Alloc] | None = None):
+                 extra_seeds: dict[str, Alloc] | None = None,
+                 on_elites: Callable[[list[Alloc]], None] | None = None):
         """``on_progress`` is called after each generation; ``on_stage`` while a stage is scored (``generation``,
         ``stage``, ``candidates``, ``tokens_done``/``tokens_total`` of the trials this process scores) and when it
-        ends; ``stage_scorer`` scores up to ``group`` queued trials at a time together (see :func:`work_queue`)."""
+        ends; ``stage_scorer`` scores up to ``group`` queued trials at a time together (see :func:`work_queue`);
+        ``on_elites`` is told the elites whenever they are chosen (a population engine keeps their hidden states,
+        from which the next children start)."""
         self.study, self.space, self.scorer, self.s = study, space, scorer, settings
         self.curves, self.limits, self.poll = curves, limits or SearchLimits(), poll
-        self.on_progress, self.on_stage = on_progress, on_stage
+        self.on_progress, self.on_stage, self.on_elites = on_progress, on_stage, on_elites
         self.stage_scorer, self.group = stage_scorer, group
         self.extra_seeds = dict(extra_seeds or {})  # e.g. per-domain floor seeds, scored in generation 0
         self.history: list[dict[str, Any]] = []
@@ -320,7 +346,10 @@ class Leader:
     def _select(self, scored_top: dict[Alloc, float]) -> list[Alloc]:
         """The ``population`` best at the top fidelity (ties: uniform first, then lexicographic, for determinism)."""
         order = sorted(scored_top, key=lambda c: (scored_top[c], c != self.space.uniform, c))
-        return order[: self.s.population]
+        elites = order[: self.s.population]
+        if self.on_elites is not None:
+            self.on_elites(elites)
+        return elites
 
     def _correlation(self, gen: int, low: list[float], high: list[float]) -> None:
         if len(low) < 3:

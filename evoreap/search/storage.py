@@ -264,19 +264,25 @@ def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
 
     Unlike ``study.ask()`` this never creates a fresh trial from the sampler when the queue is empty.
     """
-    storage = study._storage
-    claim = _claim_lock(storage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            with claim:
-                if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                    continue
-            storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, owner_id())
-        except optuna.exceptions.UpdateFinishedTrialError:  # taken and finished (or failed) by someone else
-            continue
-        _beat(storage, t._trial_id)
-        return optuna.trial.Trial(study, t._trial_id)
+        if (trial := claim_trial(study, t)) is not None:
+            return trial
     return None
+
+
+def claim_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> optuna.trial.Trial | None:
+    """Take the trial ``t`` (seen WAITING) for this process, atomically across processes; None if another process
+    took it first."""
+    storage = study._storage
+    try:
+        with _claim_lock(storage):
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return None
+        storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, owner_id())
+    except optuna.exceptions.UpdateFinishedTrialError:  # taken and finished (or failed) by someone else
+        return None
+    _beat(storage, t._trial_id)
+    return optuna.trial.Trial(study, t._trial_id)
 
 
 def _native_heartbeat(storage: optuna.storages.BaseStorage) -> bool:

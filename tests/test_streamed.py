@@ -1,0 +1,242 @@
+"""The layer-streamed engine: a stage scored layer by layer from the shards (model on the meta device) gives every
+candidate the values of its own masked forward on the resident model, spilled to disk or not; the streamed reference
+is the resident one and shares its cache entry; a stage killed after a layer resumes from there."""
+
+import pytest
+import torch
+
+from evoreap.adapters import MoEAdapter
+from evoreap.data import TokenData
+from evoreap.fingerprint import note_loaded
+from evoreap.models import load_config
+from evoreap.observe.sequential import SequentialModel
+from evoreap.proxies import evaluate, select_sequences, token_order
+from evoreap.proxies.streamed import StreamedEvaluator, streamed_fingerprint, streamed_reference_cached
+from evoreap.reference import model_fingerprint, reference_cached
+from evoreap.testing import ARCHITECTURES, tiny_model
+
+from test_population import PROXIES, _close, _random_mask
+
+FIELDS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "valid")
+
+
+def _saved(arch, tmp_path):
+    """test_population's model and data, saved; the resident model is marked as holding exactly those files (as
+    load_model marks it) before anything fingerprints it, and the reference is built from it."""
+    model = tiny_model(arch)
+    adapter = MoEAdapter.for_model(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (6, 16), generator=g)
+    mask = torch.ones(6, 16, dtype=torch.long)
+    mask[1, 11:] = 0  # padding, so that attention masks are not trivial
+    data = TokenData(ids, mask, torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b"))
+    path = tmp_path / arch
+    model.save_pretrained(path)
+    note_loaded(model, path)
+    ref = reference_cached(model, data, top_k=16, cache_dir=tmp_path / "cache", batch_size=4, progress=False)
+    return model, adapter, data, ref, g, str(path)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_streamed_equals_one_masked_forward_per_candidate(arch, tmp_path):
+    """Shared prefixes (a sibling differing in the last MoE layer, a duplicate, the unpruned model), hidden states
+    spilled to disk (a memory bound smaller than one batch's states), and the reference built the same way."""
+    model, adapter, data, ref, g, path = _saved(arch, tmp_path)
+    layers = adapter.moe_layer_indices
+    base = {i: _random_mask(adapter, g) for i in layers}
+    cands = [base, {**base, layers[-1]: _random_mask(adapter, g)}, dict(base), None]
+    order = token_order(data, 0)
+    want = [evaluate(model, adapter, c, data, proxies=PROXIES, reference=ref, order=order, n_tokens=40,
+                     batch_size=4) for c in cands]
+    seq = SequentialModel(path, load_config(path))
+    assert streamed_fingerprint(seq, tmp_path / "cache") == model_fingerprint(model, tmp_path / "cache")
+    ev = StreamedEvaluator(seq, data, reference=ref, order=order, batch_size=4, max_state_bytes=40000,
+                           cache_dir=tmp_path / "cache")
+    got = ev.score(cands, proxies=PROXIES, n_tokens=40)
+    for g_, w in zip(got, want):
+        _close(g_, w)
+        assert g_.values == w.values  # bit-equal: the same layer code on the same inputs
+    n = len(model.get_decoder().layers)
+    positions = len(select_sequences(data, order, 40)) * data.seq_len
+    assert ev.layers_read == list(range(n))  # each layer read once for the whole stage
+    assert ev.work.computed == (n + (n - layers[-1]) + (n - layers[0])) * positions
+    assert 0 < ev.peak_state_bytes <= 40000 and ev.spilled_state_bytes > 0  # the rest went to disk
+    assert all(p.is_meta for p in seq.model.parameters())  # nothing stays resident
+    # the streamed reference is the resident one, bit for bit
+    streamed = StreamedEvaluator(seq, data, batch_size=4, max_state_bytes=0).reference_distributions(16)
+    assert streamed.key == ref.key
+    assert all(torch.equal(getattr(streamed, f), getattr(ref, f)) for f in FIELDS)
+
+
+def test_streamed_reference_shares_the_cache_entry(tmp_path):
+    model, _, data, _, _, path = _saved("qwen3_moe", tmp_path)
+    cache = tmp_path / "cache"
+    seq = SequentialModel(path, load_config(path))
+    built = streamed_reference_cached(seq, data, top_k=8, cache_dir=cache, batch_size=4)
+    entries = list((cache / "reference").iterdir())
+    resident = reference_cached(model, data, top_k=8, cache_dir=cache, batch_size=4, progress=False)
+    assert list((cache / "reference").iterdir()) == entries  # reused, not rebuilt
+    assert all(torch.equal(getattr(built, f), getattr(resident, f)) for f in FIELDS)
+    # and the other way round: a resident reference is found by the streamed path without reading a layer
+    other = data.subset(torch.arange(4))
+    reference_cached(model, other, top_k=8, cache_dir=cache, batch_size=4, progress=False)
+    seq2 = SequentialModel(path, load_config(path))
+    read = []
+    seq2.loader.materialise = lambda *a, **k: read.append(a)
+    streamed_reference_cached(seq2, other, top_k=8, cache_dir=cache, batch_size=4)
+    assert read == []
+
+
+def test_killed_stage_resumes_after_the_last_completed_layer(tmp_path, monkeypatch):
+    model, adapter, data, ref, g, path = _saved("qwen2_moe", tmp_path)
+    layers = adapter.moe_layer_indices
+    base = {i: _random_mask(adapter, g) for i in layers}
+    cands = [base, {**base, layers[-1]: _random_mask(adapter, g)}, None]
+    order = token_order(data, 0)
+    want = [evaluate(model, adapter, c, data, proxies=PROXIES, reference=ref, order=order, n_tokens=60,
+                     batch_size=2) for c in cands]
+    resume = tmp_path / "run" / "streamed"
+
+    def evaluator():
+        seq = SequentialModel(path, load_config(path))
+        return StreamedEvaluator(seq, data, reference=ref, order=order, batch_size=2, max_state_bytes=4000,
+                                 resume_dir=resume), seq
+
+    kill_at = 2
+    ev, seq = evaluator()
+    real = seq.loader.materialise
+
+    def dies(module, prefix, device):
+        if prefix.endswith(f"layers.{kill_at}."):
+            raise KeyboardInterrupt("killed")
+        return real(module, prefix, device)
+
+    monkeypatch.setattr(seq.loader, "materialise", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ev.score(cands, proxies=PROXIES, n_tokens=60)
+    assert ev.layers_read == list(range(kill_at))
+    (stage,) = resume.iterdir()
+    assert (stage / "manifest.json").is_file()
+
+    ev, _ = evaluator()  # a new process: same stage (candidates in another order), resumed
+    got = ev.score(list(reversed(cands)), proxies=PROXIES, n_tokens=60)[::-1]
+    n = len(model.get_decoder().layers)
+    assert ev.layers_read == list(range(kill_at, n))  # the completed layers are not read again
+    for g_, w in zip(got, want):
+        assert g_.values == w.values and g_.per_domain == w.per_domain
+    assert list(resume.iterdir()) == []  # a finished stage leaves nothing behind
+
+
+def test_search_streamed_never_loads_the_model_resumes_a_killed_stage_and_equals_the_resident_search(
+        small_model_dir, tmp_path, monkeypatch):
+    """`evoreap search --max-memory GB` below the weights' size streams: no load_model, the observation and the
+    reference come from the cache entries of the resident run (not rebuilt). Killed while a stage is at layer 2,
+    the same command resumes the stage at layer 2 (its completed layers are not read again).
+    The same best allocation and held-out table as the resident population engine; --export still works; the
+    setting is stored for --config replay."""
+    import json
+
+    import evoreap.pipeline.session as session_mod
+    from evoreap.cli import main
+    from evoreap.observe.sequential import LayerLoader
+
+    cache = tmp_path / "cache"
+    common = ["search", "--model", str(small_model_dir), "--budget", "0.5", "--generations", "0", "--offspring", "2",
+              "--population", "2", "--fidelities", "64,96,128", "--survivors", "2,1", "--calib-tokens", "256",
+              "--heldout-tokens", "64", "--seq-len", "32", "--batch-size", "4", "--cache-dir", str(cache),
+              "--no-plots", "-q"]
+    assert main(common + ["--runs-dir", str(tmp_path / "resident"), "--engine", "population"]) == 0
+    entries = sorted(p.name for p in cache.rglob("*") if p.parent.name in ("reference", "observations"))
+
+    def no_load(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    real, reads, kill = LayerLoader.materialise, [], {"at": 1}
+
+    def spy(self, module, prefix, device):
+        if ".layers." in prefix:
+            reads.append(int(prefix.split(".")[-2]))
+            # observation and reference come from the cache: the first read of layer 2 is in the seeds' stage
+            if kill["at"] and reads.count(2) == kill["at"]:
+                raise KeyboardInterrupt
+        return real(self, module, prefix, device)
+
+    monkeypatch.setattr(session_mod, "load_model", no_load)
+    monkeypatch.setattr(LayerLoader, "materialise", spy)
+    streamed = common + ["--runs-dir", str(tmp_path / "streamed"), "--run", "r", "--max-memory", "1e-6",
+                         "--export", str(tmp_path / "pruned")]
+    assert main(streamed) == 130
+    assert sorted(p.name for p in cache.rglob("*") if p.parent.name in ("reference", "observations")) == entries
+    assert reads == [0, 1, 2]  # killed in the seeds' stage, at layer 2
+    reads.clear()
+    kill["at"] = 0
+    assert main(streamed) == 0
+    # the stage resumed after layer 1; then the held-out table in one pass (its reference is the resident run's)
+    assert reads == [2, 3, 0, 1, 2, 3]
+    assert not (tmp_path / "streamed" / "r" / "streamed").exists()  # no stage checkpoint left behind
+
+    a, b = (json.loads((d / "result.json").read_text()) for d in (next((tmp_path / "resident").iterdir()),
+                                                                   tmp_path / "streamed" / "r"))
+    assert a["best"] == b["best"] and a["best_value"] == pytest.approx(b["best_value"], abs=1e-6)
+    for row, values in a["heldout"].items():
+        for name, v in values["values"].items():
+            assert b["heldout"][row]["values"][name] == pytest.approx(v, abs=1e-6), (row, name)
+    assert (tmp_path / "pruned" / "config.json").is_file()
+    stored = json.loads((tmp_path / "streamed" / "r" / "config.json").read_text())
+    assert stored["config"]["max_memory"] == "1e-6"
+
+
+def test_evaluate_streamed_equals_resident(small_model_dir, tmp_path, monkeypatch):
+    """`evaluate --offload` (a masked allocation, in one layer-by-layer pass with the unpruned model) and
+    `evaluate --pruned DIR --max-memory GB` (an export, streamed from its own shards) give the resident tables."""
+    import evoreap.pipeline.judge as judge
+    from evoreap.allocation import Allocation
+    from evoreap.export import export_pruned
+
+    adapter = MoEAdapter(load_config(str(small_model_dir)))
+    layers = adapter.moe_layer_indices
+    kept = {i: [0, 2, 4, 6] if i % 2 else [1, 2, 3, 5, 7] for i in layers}
+    alloc = Allocation(tuple(layers), tuple(len(kept[i]) for i in layers), {"model": str(small_model_dir)})
+    alloc = alloc.with_experts(kept)
+    export_pruned(small_model_dir, tmp_path / "pruned", kept, progress=False)
+    kw = dict(data="demo", tokens=192, seq_len=64, batch_size=4, cache_dir=str(tmp_path / "c"), generate_tokens=0)
+    want = judge.evaluate_pruned(str(small_model_dir), allocation=alloc, **kw).results
+    want_export = judge.evaluate_pruned(str(small_model_dir), pruned=tmp_path / "pruned", **kw).results
+
+    def no_load(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(judge, "load_model", no_load)
+    got = judge.evaluate_pruned(str(small_model_dir), allocation=alloc, offload=True, **kw).results
+    got_export = judge.evaluate_pruned(str(small_model_dir), pruned=tmp_path / "pruned", max_memory="1e-6",
+                                       **kw).results
+    for w, g_ in ((want, got), (want_export, got_export)):
+        assert w.keys() == g_.keys()
+        for row in w:
+            assert g_[row]["tokens"] == w[row]["tokens"]
+            for name, v in w[row]["overall"].items():
+                assert g_[row]["overall"][name] == pytest.approx(v, abs=1e-5), (row, name)
+    with pytest.raises(Exception, match="--offload streams layers"):
+        judge.evaluate_pruned(str(small_model_dir), allocation=alloc, offload=True, device_map="auto", **kw)
+
+
+def test_a_crafted_stage_checkpoint_is_ignored(tmp_path):
+    """A manifest naming files outside its stage directory (or of another stage) is not resumed from: the stage
+    starts over, and nothing it names is read or deleted."""
+    import json
+
+    from evoreap.proxies.streamed import MANIFEST, _read_manifest
+
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"keep me")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "n1-b0.safetensors").write_bytes(b"x")
+    identity = {"format": "evoreap-streamed-stage", "model": "fp"}
+    for files in ({"1-0": "../victim.safetensors"}, {"1-0": "n2-b0.safetensors"}, {"../1": "n1-b0.safetensors"}):
+        (stage / MANIFEST).write_text(json.dumps({**identity, "layer_done": 1, "files": files}))
+        assert _read_manifest(stage, identity) == (-1, {})
+    (stage / MANIFEST).write_text(json.dumps({**identity, "layer_done": 1, "files": {"1-0": "n1-b0.safetensors"}}))
+    assert _read_manifest(stage, identity) == (1, {"1-0": "n1-b0.safetensors"})
+    assert _read_manifest(stage, {**identity, "model": "other"}) == (-1, {})
+    assert victim.read_bytes() == b"keep me"
