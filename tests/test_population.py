@@ -21,14 +21,20 @@ from evoreap.testing import ARCHITECTURES, tiny_config, tiny_model
 PROXIES = ("kl", "nll", "esap", "top1")
 
 
-def _setup(arch):
-    model = tiny_model(arch)
-    adapter = MoEAdapter.for_model(model)
+def tiny_data():
+    """Six rows of 16 tokens in two domains, one of them padded, and the seeded generator that drew them (the
+    tests draw their random masks from it next)."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (6, 16), generator=g)
     mask = torch.ones(6, 16, dtype=torch.long)
     mask[1, 11:] = 0  # padding, so that attention masks are not trivial
-    data = TokenData(ids, mask, torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b"))
+    return TokenData(ids, mask, torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b")), g
+
+
+def _setup(arch):
+    model = tiny_model(arch)
+    adapter = MoEAdapter.for_model(model)
+    data, g = tiny_data()
     ref = build_reference(model, data, top_k=16, batch_size=4, progress=False)
     return model, adapter, data, ref, g
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from evoreap.adapters import MoEAdapter
-from evoreap.data import TokenData
 from evoreap.fingerprint import note_loaded
 from evoreap.models import load_config
 from evoreap.observe.sequential import SequentialModel
@@ -15,7 +14,7 @@ from evoreap.proxies.streamed import StreamedEvaluator, streamed_fingerprint, st
 from evoreap.reference import model_fingerprint, reference_cached
 from evoreap.testing import ARCHITECTURES, tiny_model
 
-from test_population import PROXIES, _close, _random_mask
+from test_population import PROXIES, _close, _random_mask, tiny_data
 
 FIELDS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "valid")
 
@@ -25,11 +24,7 @@ def _saved(arch, tmp_path):
     load_model marks it) before anything fingerprints it, and the reference is built from it."""
     model = tiny_model(arch)
     adapter = MoEAdapter.for_model(model)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 256, (6, 16), generator=g)
-    mask = torch.ones(6, 16, dtype=torch.long)
-    mask[1, 11:] = 0  # padding, so that attention masks are not trivial
-    data = TokenData(ids, mask, torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b"))
+    data, g = tiny_data()
     path = tmp_path / arch
     model.save_pretrained(path)
     note_loaded(model, path)
