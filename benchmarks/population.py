@@ -4,6 +4,8 @@
     python benchmarks/population.py --generations 20      # the whole README search
     python benchmarks/population.py --olmoe-like          # generated model: OLMoE-1B-7B's hidden size, experts,
                                                           # top-k and vocabulary, fewer layers, bfloat16
+    python benchmarks/population.py --memory --generations 4   # peak RSS and time of `evoreap search --budget 0.5`
+                                                               # with each engine, in subprocesses
 
 One search session (observation, reference, saliency: the pipeline's own set-up) is run twice from generation 0
 on fresh in-memory studies with the same seed: trial by trial (``--engine single``) and a stage at a time
@@ -27,7 +29,7 @@ from evoreap.models import LoadedModel, load_model, load_tokenizer
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.session import SearchSession
 from evoreap.proxies import select_sequences
-from evoreap.proxies.population import WorkCount
+from evoreap.proxies.population import PopulationEvaluator, WorkCount
 from evoreap.search.driver import Leader
 
 
@@ -85,6 +87,55 @@ def plain_forward_seconds(model: torch.nn.Module, session: SearchSession, tokens
     return best[0] / positions, best[1] / positions
 
 
+def decoder_seconds(model: torch.nn.Module, session: SearchSession, tokens: int, repeats: int) -> float:
+    """Best CPU seconds per token position of the decoder alone (embeddings and layers, no final norm or head)
+    over the same rows as :func:`plain_forward_seconds`: the rest of a plain forward is the output head."""
+    data, bs = session.search_data, session.config.batch_size
+    rows = select_sequences(data, session.order, tokens)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            c = time.process_time()
+            for start in range(0, len(rows), bs):
+                index = rows[start:start + bs]
+                model.get_decoder()(input_ids=data.input_ids[index], attention_mask=data.attention_mask[index],
+                                    use_cache=False)
+            best = min(best, time.process_time() - c)
+    return best / (len(rows) * data.seq_len)
+
+
+class Split:
+    """CPU seconds the population engine spends computing decoder layers (``_advance``: layers, masks, state
+    cache) and in the whole of ``score`` (the rest: output head, log-softmax, proxies, per candidate)."""
+
+    def __init__(self):
+        self.layers = self.total = 0.0
+
+    def __enter__(self):
+        self.saved = PopulationEvaluator._advance, PopulationEvaluator.score
+        advance, score = self.saved
+
+        def timed_advance(pop, *a, **kw):
+            c = time.process_time()
+            try:
+                return advance(pop, *a, **kw)
+            finally:
+                self.layers += time.process_time() - c
+
+        def timed_score(pop, *a, **kw):
+            c = time.process_time()
+            try:
+                return score(pop, *a, **kw)
+            finally:
+                self.total += time.process_time() - c
+
+        PopulationEvaluator._advance, PopulationEvaluator.score = timed_advance, timed_score
+        return self
+
+    def __exit__(self, *exc):
+        PopulationEvaluator._advance, PopulationEvaluator.score = self.saved
+
+
 class StageLog:
     """Wraps the session's stage scorer: per stage, the population engine's work and each candidate's prefix-tree
     path and batches, so that the work can be compared with what an unbounded cache would have computed."""
@@ -137,6 +188,37 @@ class StageLog:
             print(f"  {kind:>8}: {c / n:.3f} ({k / n:.3f}) | {ib / n:.3f}, {ir / n:.3f}   [naive {n:,}]")
 
 
+def memory(args: argparse.Namespace) -> None:
+    """`evoreap search --budget 0.5` on the demo with each engine in a subprocess, one after the other, after one
+    run that fills the observation and reference cache (so that each measured run does the same set-up work): peak
+    RSS (the kernel's maximum resident set of the child), wall and CPU time."""
+    import os
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-c", "import sys; from evoreap.cli import main; sys.argv[0] = 'evoreap'; sys.exit(main())",
+           "search", "--budget", "0.5", "--state-cache-gb", str(args.state_cache_gb)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or os.path.join(tmp, "cache")
+        runs = os.path.join(tmp, "runs")
+        subprocess.run(cli + ["--generations", "0", "--engine", "single", "--run", "prime", "--runs-dir", runs,
+                              "--cache-dir", cache], env=env, check=True, capture_output=True)
+        for engine in args.engines.split(","):
+            t = time.perf_counter()
+            child = subprocess.Popen(cli + ["--generations", str(args.generations), "--engine", engine, "--run",
+                                            engine, "--runs-dir", runs, "--cache-dir", cache],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            err = child.stderr.read()
+            _, status, usage = os.wait4(child.pid, 0)
+            seconds = time.perf_counter() - t
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"{engine} failed:\n{err.decode(errors='replace')[-2000:]}")
+            print(f"{engine:>10}: peak RSS {usage.ru_maxrss / 2**20:.2f} GB, {seconds:.0f}s wall, "
+                  f"{usage.ru_utime + usage.ru_stime:.0f}s CPU  (--generations {args.generations}, "
+                  f"--state-cache-gb {args.state_cache_gb}, OMP_NUM_THREADS={args.threads})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
@@ -151,7 +233,10 @@ def main() -> None:
     p.add_argument("--engines", default="population,single")
     p.add_argument("--cache-dir", default=None, help="observation/reference cache (default: a temporary one)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="peak RSS and time of the demo search per engine")
     args = p.parse_args()
+    if args.memory:
+        return memory(args)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fidelities = tuple(int(x) for x in args.fidelities.split(","))
@@ -174,6 +259,7 @@ def main() -> None:
               f"{loaded.adapter.config.vocab_size}, {loaded.model.dtype}; generations {args.generations}, "
               f"fidelities {fidelities}, batch {args.batch_size} x {args.seq_len}")
         plain = plain_forward_seconds(loaded.model, session, fidelities[-1], 2)  # whole batches, as the stages
+        plain_decoder = decoder_seconds(loaded.model, session, fidelities[-1], 2)
         share = decoder_flop_share(loaded.model, loaded.adapter, args.seq_len)
         results = {}
         for engine in args.engines.split(","):
@@ -183,7 +269,8 @@ def main() -> None:
             leader = Leader(optuna.create_study(), session.space, session.scorer, session.settings, session.curves,
                             stage_scorer=stage_scorer, on_elites=session.retain_elites, on_stage=stages.on_stage)
             t, c = time.perf_counter(), time.process_time()
-            res = leader.run()
+            with Split() as split:
+                res = leader.run()
             seconds, cpu = time.perf_counter() - t, time.process_time() - c
             positions = sum(len(select_sequences(session.search_data, session.order, h["tokens"]))
                             for h in res["history"]) * session.search_data.seq_len
@@ -199,6 +286,13 @@ def main() -> None:
             print(line)
             if engine == "population":
                 stages.report(session.search_data.seq_len)
+                per = positions * plain[1]  # CPU seconds of plain forwards of the same tokens
+                print(f"  CPU time of the population engine in units of plain forwards of the same tokens: decoder "
+                      f"layers {split.layers / per:.3f} (their share of a plain forward: "
+                      f"{plain_decoder / plain[1]:.3f}), output head + log-softmax + proxies per candidate "
+                      f"{(split.total - split.layers) / per:.3f} (the head's share of a plain forward: "
+                      f"{1 - plain_decoder / plain[1]:.3f}), search outside the engine "
+                      f"{(cpu - split.total) / per:.3f}")
         if len(results) == 2:
             (a, _, _), (b, _, _) = results.values()
             print(f"same best allocation: {a['best'] == b['best']}; population / single: wall time "

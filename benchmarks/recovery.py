@@ -100,8 +100,15 @@ def main() -> None:
     ap.add_argument("--heldout-tokens", type=int, default=32768)
     ap.add_argument("--epochs", type=int, default=RepairSettings.epochs)
     ap.add_argument("--lr", type=float, default=RepairSettings.lr)
+    ap.add_argument("--rank", type=int, default=RepairSettings.rank, help="rank of the lowrank parameter sets")
+    ap.add_argument("--guard", action="store_true", help="repairs with --guard (never hurt a search-split domain)")
+    ap.add_argument("--patience", type=int, default=RepairSettings.patience)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     ap.add_argument("--out", default="benchmarks/recovery.json")
+    ap.add_argument("--step-cost", type=int, default=0, metavar="N",
+                    help="instead: time N optimiser steps of each --params on the --compare-budget allocation, the "
+                         "sets interleaved round by round in one process, and print each one's time per step "
+                         "relative to the first")
     ap.add_argument("--table", action="store_true", help="print the results as markdown tables at the end")
     ap.add_argument("--table-only", default=None, metavar="JSON,...",
                     help="only print the tables of earlier runs (their JSON files, merged)")
@@ -140,6 +147,15 @@ def main() -> None:
     if args.reinject:
         return reinject_benchmark(args, model, adapter, tok, stats, scores, searched)
     fit = load_tokens("demo", tok, split="calibration", seq_len=256, tokens=args.fit_tokens, seed=0)
+    if args.step_cost:
+        b = args.compare_budget
+        if b in searched:
+            alloc = Allocation.load(searched[b])
+            kept = kept_experts(alloc, adapter, None if alloc.experts is not None else scores)
+        else:
+            space = SearchSpace.build(adapter, load_space_settings("default"), Budget.resolve(adapter, fraction=b))
+            kept = kept_experts(Allocation(space.layers, tuple(space.uniform)), adapter, scores)
+        return step_cost(args, model, adapter, kept, fit, reference_cached(model, fit, progress=False))
     stop = load_tokens("demo", tok, split="search", seq_len=256, tokens=args.stop_tokens, seed=0)
     held = load_tokens("demo", tok, split="heldout", seq_len=256, tokens=args.heldout_tokens, seed=0)
     fit_ref = reference_cached(model, fit, progress=False)
@@ -155,6 +171,7 @@ def main() -> None:
     results = {"unpruned": heldout_row(model, adapter, None, held, held_ref), "rows": [], "floor": None,
                "settings": {"fit_tokens": fit.num_tokens, "stop_tokens": stop.num_tokens,
                             "heldout_tokens": held.num_tokens, "epochs": args.epochs, "lr": args.lr,
+                            "rank": args.rank, "guard": args.guard, "patience": args.patience,
                             "threads": torch.get_num_threads()},
                "generations": {str(b): generations_of(p) for b, p in searched.items()}}
     print(f"unpruned held-out NLL {results['unpruned']['nll']:.4f}", flush=True)
@@ -183,7 +200,8 @@ def main() -> None:
             else:
                 combos = [tuple(item.split("/")) for item in args.rest.split(",")]
             for params, objective in combos:
-                settings = RepairSettings(params=params, objective=objective, epochs=args.epochs, lr=args.lr)
+                settings = RepairSettings(params=params, objective=objective, epochs=args.epochs, lr=args.lr,
+                                          rank=args.rank, guard=args.guard, patience=args.patience)
                 t0 = time.time()
                 rep = fit_repair(model, adapter, kept, fit, stop, stop_reference=stop_ref,
                                  fit_reference=fit_ref if objective == "kl" else None, settings=settings,
@@ -191,11 +209,12 @@ def main() -> None:
                 seconds = time.time() - t0
                 after = heldout_row(model, adapter, kept, held, held_ref, rep)
                 row = {"budget": budget, "allocation": kind, "counts": [len(kept[i]) for i in sorted(kept)],
-                       "params": params, "objective": objective, "before": before, "after": after,
+                       "params": params if "lowrank" not in params else f"{params} (rank {args.rank})",
+                       "objective": objective + (" +guard" if args.guard else ""), "before": before, "after": after,
                        "accepted": rep.accepted, "search": rep.meta["search"], "steps": rep.meta["steps"],
                        "attempts": rep.meta.get("attempts"), "seconds": round(seconds, 1)}
                 results["rows"].append(row)
-                print(f"{budget:.2f} {kind:8s} {params:18s} {objective:5s} NLL {before['nll']:.4f} -> "
+                print(f"{budget:.2f} {kind:8s} {row['params']:18s} {row['objective']:5s} NLL {before['nll']:.4f} -> "
                       f"{after['nll']:.4f}  KL {before['kl']:.4f} -> {after['kl']:.4f}  "
                       f"(search KL {rep.meta['search']['kl_before']:.4f} -> {rep.meta['search']['kl_after']:.4f}"
                       f", {'kept' if rep.accepted else 'rejected'}, {rep.meta['steps']} steps, {seconds:.0f} s)",
@@ -204,6 +223,42 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.table:
         print_tables(results)
+
+
+def step_cost(args, model, adapter, kept, fit, fit_ref) -> None:
+    """Seconds per optimiser step (forward, backward, Adam) of each parameter set on the same batches, the sets
+    taking turns round by round so that a busy machine slows them alike; ratios to the first set."""
+    from evoreap.recovery.repair import _kl_loss, _masks, _targets, _with_values
+
+    sets = args.params.split(",")
+    masks = _masks(adapter, kept)
+    state = {}
+    for params in sets:
+        settings = RepairSettings(params=params, rank=args.rank)
+        targets, values = _targets(model, adapter, kept, settings)
+        leaves = [v.requires_grad_(True) for v in values.values()]
+        state[params] = (targets, values, torch.optim.Adam(leaves, lr=1e-3))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spent = dict.fromkeys(sets, 0.0)
+    for step in range(args.step_cost + 1):  # round 0 warms up and is not counted
+        rows = torch.arange(step * 8, step * 8 + 8) % len(fit)
+        ref = fit_ref.rows(rows, torch.device("cpu"))
+        for params in sets:
+            targets, values, opt = state[params]
+            t0 = time.perf_counter()
+            with _with_values(model, adapter, masks, targets, values):
+                loss = _kl_loss(model, fit.input_ids[rows], fit.attention_mask[rows], ref)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step:
+                spent[params] += time.perf_counter() - t0
+    first = spent[sets[0]]
+    for params in sets:
+        n = sum(v.numel() for v in state[params][1].values())
+        print(f"{params:28s} {spent[params] / args.step_cost * 1e3:7.1f} ms/step  x{spent[params] / first:.2f}  "
+              f"({n:,} fitted values)")
 
 
 def print_tables(results: dict) -> None:

@@ -2,6 +2,7 @@
 
     nice python benchmarks/streamed.py                      # 1.5, 3 and 6 GB checkpoints, 8 candidates, 2,048 tokens
     nice python benchmarks/streamed.py --sizes 1.5 --tokens 512 --candidates 4     # a quick look
+    nice python benchmarks/streamed.py --search --sizes 1.5   # a 2-generation search, states kept across stages or not
 
 For each size a Qwen3-MoE-shaped checkpoint with random weights is written under /tmp, shard by shard (one decoder
 layer per shard, never the whole model in memory), in bfloat16: hidden 1024, 64 experts of width 512, top-8,
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 
 HIDDEN, EXPERTS, WIDTH, TOP_K, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 1024, 64, 512, 8, 16, 4, 64, 32000
+PER_LAYER = (3 * EXPERTS * WIDTH * HIDDEN + HIDDEN * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM + EXPERTS * HIDDEN) * 2
+OUTER = 2 * VOCAB * HIDDEN * 2
 
 
 def config(layers: int):
@@ -149,10 +152,84 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def search_child(args: argparse.Namespace) -> None:
+    """A small evolutionary search streamed (``--generations`` after the seeds): each generation's children are
+    scored on half the tokens, the better half of them again on all the tokens (successive halving, as the driver
+    does), the best ``--elites`` are the next parents and are pinned in the state store. ``search-reuse`` keeps
+    states across stages (``store_bytes``); ``search-none`` starts every stage from the embeddings. Allocations
+    come from evoreap's own mutation (budget-preserving level switches) on the model's search space (budget 0.5),
+    masks keep each layer's first experts of a fixed random ranking."""
+    import random
+
+    from evoreap.adapters import MoEAdapter
+    from evoreap.models import load_config
+    from evoreap.observe.sequential import SequentialModel
+    from evoreap.proxies.streamed import StreamedEvaluator
+    from evoreap.search.evolution import offspring
+    from evoreap.search.space import Budget, SearchSpace, SpaceSettings
+
+    path = args.path
+    data, _ = stage_inputs(args.layers, args.tokens, 0)
+    adapter = MoEAdapter(load_config(path))
+    space = SearchSpace.build(adapter, SpaceSettings(step=8), Budget.resolve(adapter, fraction=0.5))
+    g = torch.Generator().manual_seed(2)
+    rank = {i: torch.randperm(EXPERTS, generator=g) for i in space.layers}
+
+    def masks(counts):
+        return {i: torch.zeros(EXPERTS, dtype=torch.bool).index_fill_(0, rank[i][:k], True)
+                for i, k in zip(space.layers, counts)}
+
+    rng = random.Random(0)
+    seq = SequentialModel(path, load_config(path))
+    reuse = args.child == "search-reuse"
+    # batches of 4 rows (1,020 tokens): a stage on half the tokens shares its first batches with one on all of them
+    ev = StreamedEvaluator(seq, data, batch_size=4, max_state_bytes=int(args.state_gb * 2**30),
+                           store_bytes=int(args.store_gb * 2**30) if reuse else 0)
+    stages, values, seen = [], {}, {space.uniform}
+    t_all = time.perf_counter()
+
+    def stage(cands, tokens, name):
+        before, read, t0 = ev.work, len(ev.layers_read), time.perf_counter()
+        res = ev.score([masks(c) for c in cands], proxies=("nll",), n_tokens=tokens)
+        w = ev.work
+        stages.append({"stage": name, "candidates": len(cands), "tokens": res[0].tokens,
+                       "computed": w.computed - before.computed, "naive": w.naive - before.naive,
+                       "layers_read": len(ev.layers_read) - read, "s": time.perf_counter() - t0})
+        for c, r in zip(cands, res):
+            values[(c, tokens)] = r.values["nll"]
+        return [r.values["nll"] for r in res]
+
+    # the lower fidelity in whole batches (4 rows of 255 scored tokens), so that its batches are the first ones of
+    # the full stage's: a survivor re-scored on all the tokens starts from its final states on those
+    half = max(1, args.tokens // 2 // 1020) * 1020
+    parents = [space.uniform] + offspring([space.uniform], space, rng, args.candidates - 1, seen, None, 0.0)
+    seen.update(parents)
+    nll = stage(parents, args.tokens, "seeds")
+    elites = [c for _, c in sorted(zip(nll, parents))][:args.elites]
+    for gen in range(1, args.generations + 1):
+        ev.retain([masks(c) for c in elites])
+        kids = offspring(elites, space, rng, args.candidates, seen, None, 0.0)
+        seen.update(kids)
+        low = stage(kids, half, f"gen {gen} children, {half} tokens")
+        top = [c for _, c in sorted(zip(low, kids))][:max(1, len(kids) // 2)]
+        high = stage(top, args.tokens, f"gen {gen} survivors, {args.tokens} tokens")
+        pool = sorted(zip(nll + high, parents + top))
+        nll, parents = [v for v, _ in pool][:args.elites], [c for _, c in pool][:args.elites]
+        elites = parents
+    out = {"stages": stages, "total_s": time.perf_counter() - t_all, "computed": ev.work.computed,
+           "naive": ev.work.naive, "best": list(elites[0]), "nll": [values[k] for k in sorted(values)],
+           "store_writes": ev.store.writes if ev.store else 0, "store_hits": ev.store.hits if ev.store else 0,
+           "store_evicted": ev.store.evicted if ev.store else 0,
+           "store_mb": ev.store.bytes / 2**20 if ev.store else 0.0}
+    ev.close()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
 def measure(engine: str, path: Path, layers: int, args: argparse.Namespace) -> dict:
     cmd = ["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, __file__, "--child", engine, "--path", str(path),
            "--layers", str(layers), "--tokens", str(args.tokens), "--candidates", str(args.candidates),
-           "--state-gb", str(args.state_gb)]
+           "--state-gb", str(args.state_gb), "--store-gb", str(args.store_gb), "--generations",
+           str(args.generations), "--elites", str(args.elites)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - t0
@@ -174,15 +251,24 @@ def main() -> None:
     ap.add_argument("--resident-max-gb", type=float, default=7.0,
                     help="run the in-memory engine where the float32 model is at most this large")
     ap.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary directory in /tmp)")
-    ap.add_argument("--child", choices=("streamed", "resident"), help=argparse.SUPPRESS)
+    ap.add_argument("--search", action="store_true",
+                    help="instead of one stage: a small streamed search with and without states kept across stages")
+    ap.add_argument("--generations", type=int, default=2, help="--search: generations after the seeds")
+    ap.add_argument("--elites", type=int, default=2, help="--search: parents kept per generation")
+    ap.add_argument("--parallel", action="store_true", help="--search: run both searches at the same time")
+    ap.add_argument("--store-gb", type=float, default=1.0, help="--search: disk for states kept across stages")
+    ap.add_argument("--child", choices=("streamed", "resident", "search-reuse", "search-none"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args)
+        (search_child if args.child.startswith("search") else child)(args)
         return
-    per_layer = (3 * EXPERTS * WIDTH * HIDDEN + HIDDEN * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM + EXPERTS * HIDDEN) * 2
-    outer = 2 * VOCAB * HIDDEN * 2
+    if args.search:
+        search_main(args)
+        return
+    per_layer, outer = PER_LAYER, OUTER
     root = Path(tempfile.mkdtemp(prefix="evoreap-bench-streamed-", dir=args.dir or "/tmp"))
     rows = []
     try:
@@ -216,6 +302,45 @@ def main() -> None:
         else:
             print(left + f" {r['rss_gb']:7.2f} GB {r['load_s']:6.0f}s {r['stage_s']:7.0f}s | "
                          f"{s['rss_gb'] / r['rss_gb']:9.2f} {s['stage_s'] / r['stage_s']:11.2f}")
+
+
+def search_main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="evoreap-bench-streamed-", dir=args.dir or "/tmp"))
+    try:
+        for gb in (float(s) for s in args.sizes.split(",")):
+            layers = max(1, round((gb * 1e9 - OUTER) / PER_LAYER))
+            path = root / f"qwen3-moe-{gb:g}gb"
+            size = write_checkpoint(path, layers)
+            print(f"wrote {path} ({size / 1e9:.2f} GB, {layers} layers)", flush=True)
+            engines = ("search-none", "search-reuse")
+            if args.parallel:  # side by side, so that both see the same load on a shared machine
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(2) as pool:
+                    runs = dict(zip(engines, pool.map(lambda e: measure(e, path, layers, args), engines)))
+            else:
+                runs = {e: measure(e, path, layers, args) for e in engines}
+            for engine in engines:
+                print(f"  {engine}: {json.dumps(runs[engine])}", flush=True)
+            a, b = runs["search-none"], runs["search-reuse"]
+            diff = max(abs(x - y) for x, y in zip(a["nll"], b["nll"]))
+            print(f"\n{size / 1e9:.2f} GB, {layers} layers; {args.candidates} children per generation, "
+                  f"{args.generations} generations; same best: {a['best'] == b['best']}, "
+                  f"max |nll difference| = {diff:.1e}")
+            print(f"{'stage':>34s} | {'without reuse: work':>19s} {'time':>6s} | {'with reuse: work':>16s} "
+                  f"{'layers read':>11s} {'time':>6s}")
+            for x, y in zip(a["stages"], b["stages"]):
+                print(f"{x['stage']:>34s} | {x['computed'] / x['naive']:19.3f} {x['s']:5.0f}s | "
+                      f"{y['computed'] / y['naive']:16.3f} {y['layers_read']:5d}/{layers:<5d} {y['s']:5.0f}s")
+            print(f"{'search':>34s} | {a['computed'] / a['naive']:19.3f} {a['total_s']:5.0f}s | "
+                  f"{b['computed'] / b['naive']:16.3f} {'':>11s} {b['total_s']:5.0f}s")
+            print(f"peak RSS: {a['rss_gb']:.2f} GB without, {b['rss_gb']:.2f} GB with reuse (store "
+                  f"{b['store_mb']:.0f} MB on disk at the end, {b['store_writes']} states written, "
+                  f"{b['store_hits']} read, {b['store_evicted']} evicted); search time with / without "
+                  f"{b['total_s'] / a['total_s']:.2f}, layer work {b['computed'] / a['computed']:.3f}")
+            shutil.rmtree(path)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -31,18 +31,20 @@ from evoreap.errors import EvoreapError, SettingError, UsageError
 from evoreap.export import ExportResult, export_pruned
 from evoreap.export.core import check_out
 from evoreap.export.writer import DEFAULT_MAX_SHARD_BYTES
-from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer, resolve_model
+from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer, parse_dtype, resolve_model
 from evoreap.observe.sequential import observe_offloaded_cached
 from evoreap.observe.store import Observation, load_observation, observe_cached
 from evoreap.pipeline.choose import choose_experts
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.judge import EvaluationResult, evaluate_pruned
 from evoreap.pipeline.session import SearchResult, run_search
+from evoreap.pipeline.streaming import memory_limit_gb, open_streamed, wants_streaming
 from evoreap.models import DTYPES as DTYPE_BY_NAME
 from evoreap.recovery.reinject import ReinjectResult
 from evoreap.recovery.reinject import reinject as reinject_experts
 from evoreap.recovery.reinject import saliency as domain_saliency
-from evoreap.recovery.repair import FIT_TOKENS, RepairResult, RepairSettings, fit_repair
+from evoreap.recovery.repair import FIT_TOKENS, RepairResult, RepairSettings, fit_repair, settings_for_source
+from evoreap.recovery.streamed_repair import fit_repair_streamed
 from evoreap.recovery.store import Repair, export_edits, repair_path, resolve_repair, storage_dtype
 from evoreap.recovery.store import allocation_fingerprint as allocation_fp
 from evoreap.fingerprint import checkpoint_fingerprint
@@ -243,26 +245,36 @@ def evaluate(model: ModelLike = None, *, allocation: Allocation | str | Path | N
 
 
 def repair(model: ModelLike = None, allocation: Allocation | str | Path | None = None, *,
-           params: str = RepairSettings.params, objective: str = RepairSettings.objective,
+           params: str | None = None, objective: str = RepairSettings.objective,
            out: str | Path | None = None, data: Any = None, stop_data: Any = None, fit_tokens: int = FIT_TOKENS,
            stop_tokens: int = 8192, seq_len: int = 256, batch_size: int = RepairSettings.batch_size,
            lr: float = RepairSettings.lr, epochs: int = RepairSettings.epochs,
            evals_per_epoch: int = RepairSettings.evals_per_epoch, patience: int = RepairSettings.patience,
            schedule: str = RepairSettings.schedule, seed: int = 0, reference_top_k: int = 64,
+           rank: int = RepairSettings.rank, guard: bool = RepairSettings.guard,
+           guard_tolerance: float = RepairSettings.guard_tolerance,
            criterion: str | None = None, observation: str | None = None,
            cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", tokenizer: Any = None,
-           trust_remote_code: bool = False, progress: bool = True) -> RepairResult:
-    """Fit repaired parameters (``params``: router, router+norm, router+scale, router+norm+scale) of the pruned
+           trust_remote_code: bool = False, progress: bool = True, offload: bool = False,
+           max_memory: str | float | None = None) -> RepairResult:
+    """Fit repaired parameters (``params``: router, router+norm, router+scale, router+norm+scale,
+    router+norm+scale+lowrank with a rank-``rank`` update of each kept expert's down projection; None: the latter,
+    or router+norm+scale for a quantized checkpoint, whose experts cannot take the merged update) of the pruned
     ``allocation`` so that it matches the unpruned model again (``objective``: ``kl`` end to end, or ``local`` per
     MoE block), on ``data`` (split ``calibration``; default: the allocation's calibration data, else the demo) with
     early stopping on ``stop_data`` (split ``search``). Written to ``out`` (default: beside the allocation file,
     ``NAME.repair.safetensors``), where :func:`evaluate` and :func:`export` find it. Re-running after an
-    interruption continues from the last checkpoint."""
+    interruption continues from the last checkpoint. ``guard``: reject a repair that makes one domain's search-split
+    KL worse by more than ``guard_tolerance`` (relative); without it such domains are only reported.
+    ``offload`` (or ``max_memory`` in GB smaller than the weights) streams the model from its directory's shards one
+    decoder layer at a time (``objective="local"`` only: each layer is fitted while it is read, with the resident
+    fit's result; resumable after every layer)."""
     if allocation is None:
         raise UsageError("repair needs an allocation (a file or an Allocation)")
-    settings = RepairSettings(params=params, objective=objective, lr=lr, epochs=epochs, batch_size=batch_size,
+    settings = RepairSettings(params=params or RepairSettings.params, objective=objective, lr=lr, epochs=epochs,
+                              batch_size=batch_size,
                               evals_per_epoch=evals_per_epoch, patience=patience, schedule=schedule,
-                              seed=seed).check()
+                              seed=seed, rank=rank, guard=guard, guard_tolerance=guard_tolerance).check()
     alloc = allocation if isinstance(allocation, Allocation) else Allocation.load(allocation)
     if out is None:
         if isinstance(allocation, Allocation):
@@ -271,8 +283,25 @@ def repair(model: ModelLike = None, allocation: Allocation | str | Path | None =
     out = Path(out)
     if out.exists() and not out.is_file():
         raise UsageError(f"repair output {out} is not a file; pass a file path")
-    loaded = as_loaded(model if model is not None else alloc.meta_text("model"), tokenizer=tokenizer, dtype=dtype,
-                       device=device, trust_remote_code=trust_remote_code)
+    source = model if model is not None else alloc.meta_text("model")
+    settings = settings_for_source(settings, source, explicit=params is not None)
+    if max_memory is not None and memory_limit_gb(max_memory, None) is None:
+        raise UsageError(f"--max-memory {max_memory!r}: repair takes one number of GB (the weights above it are "
+                         "streamed from the shards), not a placement over devices")
+    if offload or max_memory is not None:
+        if not (source is None or isinstance(source, (str, Path))):
+            raise UsageError("--offload / --max-memory stream a model directory from its shards; this model is "
+                             "already in memory: pass its directory instead")
+        if wants_streaming(None if source is None else str(source), offload=offload, device_map=None,
+                           max_memory=max_memory, dtype=dtype, trust_remote_code=trust_remote_code):
+            return _repair_streamed(None if source is None else str(source), alloc, out, settings, data=data,
+                                    stop_data=stop_data, fit_tokens=fit_tokens, stop_tokens=stop_tokens,
+                                    seq_len=seq_len, seed=seed, reference_top_k=reference_top_k,
+                                    criterion=criterion, observation=observation, cache_dir=cache_dir, dtype=dtype,
+                                    device=device, trust_remote_code=trust_remote_code, progress=progress,
+                                    explicit=params is not None)
+    loaded = as_loaded(source, tokenizer=tokenizer, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    settings = settings_for_source(settings, loaded.path, explicit=params is not None)
     chosen = choose_experts(alloc, loaded.adapter, loaded, criterion=criterion, observation=observation,
                             cache_dir=cache_dir)
     tok, cfg = loaded.tokenizer, loaded.adapter.config
@@ -289,6 +318,35 @@ def repair(model: ModelLike = None, allocation: Allocation | str | Path | None =
                      fit_reference=fit_ref, settings=settings,
                      storage_dtype=storage_dtype(loaded.path, loaded.adapter, param_dtype),
                      checkpoint=out.with_name(f".{out.name}.partial"), progress=progress)
+    rep.save(out)
+    search = rep.meta["search"]
+    return RepairResult(rep, out, rep.accepted, search["kl_before"], search["kl_after"], rep.meta["seconds"])
+
+
+def _repair_streamed(model: str | None, alloc: Allocation, out: Path, settings: RepairSettings, *, data: Any,
+                     stop_data: Any, fit_tokens: int, stop_tokens: int, seq_len: int, seed: int, reference_top_k: int,
+                     criterion: str | None, observation: str | None, cache_dir: str | None, dtype: str, device: str,
+                     trust_remote_code: bool, progress: bool, explicit: bool) -> RepairResult:
+    """:func:`repair` with the model streamed from its shards (the layer-local objective, fitted layer by layer)."""
+    if settings.objective != "local":
+        raise UsageError(f"the model is streamed from its shards here (--offload / --max-memory), and only the local "
+                         f"objective fits layer by layer; pass --objective local (not {settings.objective})")
+    streamed = open_streamed(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                             cache_dir=cache_dir)
+    loaded = streamed.loaded
+    settings = settings_for_source(settings, loaded.path, explicit=explicit)
+    chosen = choose_experts(alloc, loaded.adapter, str(loaded.path), criterion=criterion, observation=observation,
+                            cache_dir=cache_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tok, cfg = loaded.tokenizer, loaded.adapter.config
+    fit = load_tokens(data or alloc.meta_text("calibration_data") or "demo", tok, split="calibration",
+                      seq_len=seq_len, tokens=fit_tokens, seed=seed, model_config=cfg)
+    stop = load_tokens(stop_data or alloc.meta_text("search_data") or "demo", tok, split="search", seq_len=seq_len,
+                       tokens=stop_tokens, seed=seed, model_config=cfg)
+    rep = fit_repair_streamed(streamed.seq, chosen.kept, fit, stop, settings=settings,
+                              reference_top_k=reference_top_k,
+                              storage_dtype=storage_dtype(loaded.path, loaded.adapter, parse_dtype(dtype)),
+                              checkpoint=out.with_name(f".{out.name}.streamed.partial"), progress=progress,
+                              cache_dir=cache_dir)
     rep.save(out)
     search = rep.meta["search"]
     return RepairResult(rep, out, rep.accepted, search["kl_before"], search["kl_after"], rep.meta["seconds"])

@@ -210,3 +210,50 @@ def test_a_seeded_search_gives_the_same_best_allocation_with_either_engine(small
         assert pop["scored_top"][key] == pytest.approx(v, abs=1e-5)
     work = session.population.work
     assert work.cached > 0 and work.computed < work.naive  # shared prefixes and cached states were used
+
+
+def test_pooled_state_slots_are_reused_and_never_leak_between_states():
+    """The cache copies states into reused slots of a few slabs: a slot freed by an eviction takes the next state
+    (no new slab once the cache is full), a smaller state (a shorter last batch) fits in a larger slot, a state read
+    before its slot was reused keeps its values, and every state read back is the one stored under its key."""
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(3, 5, 4, generator=g) for _ in range(5)] + [torch.randn(2, 5, 4, generator=g)]
+    size = states[0].numel() * 4
+    cache = StateCache(2 * size)
+    want = {}
+    for i, t in enumerate(states):
+        key = ((i % 2,), i)
+        with torch.inference_mode(i == 0):  # slabs made in inference mode stay writable outside it
+            cache.put(key, t)
+        want[key] = t.clone()
+        t.add_(1.0)  # the caller's tensor changes after the put: the cache holds its own copy
+        if i:  # the previous state is still held (a cache of two) and unchanged by this put
+            prev = ((i - 1) % 2,), i - 1
+            assert torch.equal(cache.get(prev, torch.device("cpu")), want[prev])
+        read = cache.get(key, torch.device("cpu"))  # now the most recently used: the next put evicts `prev`
+        assert torch.equal(read, want[key])
+        read_before = read
+    assert cache.pool.slabs == 1 and len(cache.mem) == 2 and cache.bytes == 2 * size
+    cache.put(((9,), 9), torch.zeros(3, 5, 4))  # evicts and reuses the slot the last read came from
+    assert torch.equal(read_before, want[((1,), 5)]) and cache.pool.slabs == 1
+    cache.clear()
+    assert cache.bytes == 0 and not cache.pool.free
+
+
+def test_population_with_a_small_reused_cache_equals_one_masked_forward_per_candidate():
+    """Generations of children of the previous best through a cache of a few states: its slots are reused across
+    calls and batches of two sizes (4 and 2 rows), and every value is exactly the candidate's own masked forward."""
+    model, adapter, data, ref, g = _setup("qwen3_moe")
+    layers, n = adapter.moe_layer_indices, len(model.get_decoder().layers)
+    state = 4 * data.seq_len * adapter.config.hidden_size * 4
+    pop = PopulationEvaluator(model, adapter, data, reference=ref, batch_size=4, cache=StateCache(3 * n * state // 2))
+    parent = {i: _random_mask(adapter, g) for i in layers}
+    for _ in range(2):
+        children = [{**parent, layers[-1]: _random_mask(adapter, g)}, parent]
+        got = pop.score(children, proxies=PROXIES)
+        for c, r in zip(children, got):
+            want = evaluate(model, adapter, c, data, proxies=PROXIES, reference=ref, batch_size=4)
+            assert r.values == want.values and r.per_domain == want.per_domain
+        pop.retain([children[0]])
+        parent = children[0]
+    assert pop.cache.hits > 0 and pop.cache.pool.slabs <= 2 and pop.cache.bytes <= pop.cache.max_bytes

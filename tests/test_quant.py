@@ -611,6 +611,18 @@ def test_search_on_an_fp8_model_records_the_quantization_and_exports_fp8(quantiz
                 assert _stored_bytes(t) == _stored_bytes(s_idx.tensors[name.format(old)])
 
 
+def test_search_refuses_a_lowrank_repair_of_a_quantized_model_before_searching(quantized, tmp_path):
+    """The low-rank update cannot be merged into FP8 experts, so ``search --repair ...+lowrank`` on an FP8 model is
+    refused at set-up, before any observation, reference or run directory exists (not after hours of search)."""
+    import evoreap
+
+    with pytest.raises(UsageError, match="low-rank repair changes expert weights"):
+        evoreap.search(str(quantized("qwen3-fp8")), 0.5, runs_dir=str(tmp_path / "runs"),
+                       cache_dir=str(tmp_path / "cache"), run="q", quiet=True, repair="router+norm+scale+lowrank",
+                       generations=1, calib_tokens=128, heldout_tokens=64, seq_len=32, no_plots=True)
+    assert not (tmp_path / "runs" / "q").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("kind", ["qwen3-fp8", "qwen3-ct-fp8"])
 def test_kv_cache_scales_are_listed_ignored_by_the_model_and_copied_by_export(quantized, tok, tmp_path, kind):
     """A checkpoint with calibrated KV-cache scales (self_attn.k_scale / v_scale, kv_cache_scheme): inspect names

@@ -143,15 +143,20 @@ def test_a_repair_that_does_not_help_is_rejected():
     assert _kl(model, adapter, kept, stop, stop_ref, rep) <= rep.meta["search"]["kl_before"] + 1e-9
 
 
+@pytest.mark.parametrize("params", ["router+norm+scale", "router+norm+scale+lowrank"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-def test_uniform_export_with_repair_loads_in_stock_transformers_with_the_repaired_logits(arch, tmp_path):
+def test_uniform_export_with_repair_loads_in_stock_transformers_with_the_repaired_logits(arch, params, tmp_path):
+    """Per-expert checkpoint tensors (qwen3_moe) and fused, transposed ones (gpt_oss); the low-rank update is
+    merged into the exported down projections, so the export has no extra tensor."""
     src = tmp_path / "src"
     model, adapter, kept, fit, stop, fit_ref, stop_ref = _setup(arch, 4 if arch == "gpt_oss" else 6, save_dir=src)
     dtype = storage_dtype(src, adapter, torch.float32)
     assert dtype == "bfloat16"
     rep = fit_repair(model, adapter, kept, fit, stop, stop_reference=stop_ref, fit_reference=fit_ref,
-                     settings=SETTINGS, storage_dtype=dtype, progress=False)
+                     settings=RepairSettings(**{**SETTINGS.__dict__, "params": params, "rank": 2}),
+                     storage_dtype=dtype, progress=False)
     assert rep.accepted
+    assert any(k.endswith("down_proj_lowrank_b") for k in rep.tensors) == ("lowrank" in params)
     if arch == "gpt_oss":
         assert any(k.endswith("router.bias") for k in rep.tensors)
     path = rep.save(tmp_path / "alloc.repair.safetensors")
@@ -169,6 +174,7 @@ def test_uniform_export_with_repair_loads_in_stock_transformers_with_the_repaire
             unrepaired = plain(input_ids=ids).logits
     assert (got - want).abs().max() <= 1e-5
     assert (unrepaired - want).abs().max() > 1e-3  # the repair is really in the export
+    assert set(loaded.state_dict()) == set(plain.state_dict())  # a plain checkpoint: nothing added
 
 
 def test_repair_refuses_other_experts_or_weights():
@@ -197,10 +203,12 @@ def test_api_and_cli_repair_then_evaluate_and_export_apply_it(tmp_path):
     alloc = Allocation.uniform(adapter, 12).with_experts({i: list(range(0, 24, 2)) for i in adapter.moe_layer_indices})
     path = tmp_path / "alloc.json"
     alloc.save(path, adapter)
-    code = main(["repair", "--allocation", str(path), "--params", "router+scale", "--fit-tokens", "2048",
-                 "--stop-tokens", "1024", "--epochs", "1", "--lr", "0.003", "--seq-len", "128", "-q"])
+    code = main(["repair", "--allocation", str(path), "--params", "router+norm+scale+lowrank", "--rank", "4",
+                 "--fit-tokens", "2048", "--stop-tokens", "1024", "--epochs", "1", "--lr", "0.003", "--seq-len", "128",
+                 "-q"])
     assert code == 0
     rep = Repair.load(tmp_path / "alloc.repair.safetensors")
+    assert rep.tensors["model.layers.0.mlp.experts.down_proj_lowrank_a"].shape == (32, 4, 48)  # merged on export
     assert rep.accepted and rep.meta["search"]["kl_after"] < 0.95 * rep.meta["search"]["kl_before"]
     plain = evoreap.evaluate(allocation=path, tokens=1024, seq_len=128, repair=False)
     fixed = evoreap.evaluate(allocation=path, tokens=1024, seq_len=128)

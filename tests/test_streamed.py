@@ -46,7 +46,7 @@ def test_streamed_equals_one_masked_forward_per_candidate(arch, tmp_path):
     seq = SequentialModel(path, load_config(path))
     assert streamed_fingerprint(seq, tmp_path / "cache") == model_fingerprint(model, tmp_path / "cache")
     ev = StreamedEvaluator(seq, data, reference=ref, order=order, batch_size=4, max_state_bytes=40000,
-                           cache_dir=tmp_path / "cache")
+                           cache_dir=tmp_path / "cache", store_bytes=1 << 30, store_dir=tmp_path / "states")
     got = ev.score(cands, proxies=PROXIES, n_tokens=40)
     for g_, w in zip(got, want):
         _close(g_, w)
@@ -57,6 +57,23 @@ def test_streamed_equals_one_masked_forward_per_candidate(arch, tmp_path):
     assert ev.work.computed == (n + (n - layers[-1]) + (n - layers[0])) * positions
     assert 0 < ev.peak_state_bytes <= 40000 and ev.spilled_state_bytes > 0  # the rest went to disk
     assert all(p.is_meta for p in seq.model.parameters())  # nothing stays resident
+
+    # a second stage (the next generation): children of the elite `base` start from its stored states where they
+    # first differ (the layers below are not read), `base` itself is not recomputed at all
+    ev.retain([base])
+    mid = layers[len(layers) // 2]
+    stage2 = [{**base, mid: _random_mask(adapter, g)}, {**base, layers[-1]: _random_mask(adapter, g)}, base]
+    want2 = [evaluate(model, adapter, c, data, proxies=PROXIES, reference=ref, order=order, n_tokens=40,
+                      batch_size=4) for c in stage2[:2]] + [want[0]]
+    before = ev.work
+    for g_, w in zip(ev.score(stage2, proxies=PROXIES, n_tokens=40), want2):
+        assert g_.values == w.values and g_.per_domain == w.per_domain
+    assert ev.layers_read[n:] == list(range(mid, n))
+    assert ev.work.computed - before.computed == ((n - mid) + (n - layers[-1])) * positions
+    # skipped, per start node (both children start from the same node when mid is the last MoE layer)
+    assert ev.work.cached - before.cached == (sum({mid, layers[-1]}) + n) * positions
+    ev.close()
+    assert not (tmp_path / "states").exists()
     # the streamed reference is the resident one, bit for bit
     streamed = StreamedEvaluator(seq, data, batch_size=4, max_state_bytes=0).reference_distributions(16)
     assert streamed.key == ref.key
@@ -120,6 +137,19 @@ def test_killed_stage_resumes_after_the_last_completed_layer(tmp_path, monkeypat
     for g_, w in zip(got, want):
         assert g_.values == w.values and g_.per_domain == w.per_domain
     assert list(resume.iterdir()) == []  # a finished stage leaves nothing behind
+
+    # states kept across stages that vanish under a running stage (another process sharing the store evicted them):
+    # the stage is scored again from the embeddings, same values
+    ev, seq = evaluator()
+    ev = StreamedEvaluator(seq, data, reference=ref, order=order, batch_size=2, store_bytes=1 << 30,
+                           store_dir=tmp_path / "states")
+    ev.score(cands[:1], proxies=PROXIES, n_tokens=60)
+    for f in (tmp_path / "states").iterdir():
+        f.unlink()
+    read = len(ev.layers_read)
+    assert ev.score(cands[:1], proxies=PROXIES, n_tokens=60)[0].values == want[0].values
+    assert ev.layers_read[read:] == list(range(n))
+    ev.close()
 
 
 def test_search_streamed_never_loads_the_model_resumes_a_killed_stage_and_equals_the_resident_search(
@@ -235,3 +265,92 @@ def test_a_crafted_stage_checkpoint_is_ignored(tmp_path):
     assert _read_manifest(stage, identity) == (1, {"1-0": "n1-b0.safetensors"})
     assert _read_manifest(stage, {**identity, "model": "other"}) == (-1, {})
     assert victim.read_bytes() == b"keep me"
+
+
+def test_killed_reference_build_resumes_after_the_last_completed_layer(tmp_path, monkeypatch):
+    """The streamed reference checkpoints after each layer (under the cache root): killed while reading layer k,
+    the same call resumes there, reads only layers k.., and gives the resident reference bit for bit."""
+    model, _, data, want, _, path = _saved("qwen2_moe", tmp_path)  # the resident reference (top 16, batches of 4)
+    cache = tmp_path / "cache2"
+    kill_at, reads = 2, []
+
+    def seq_reading(die: bool):
+        seq = SequentialModel(path, load_config(path))
+        real = seq.loader.materialise
+
+        def spy(module, prefix, device):
+            if ".layers." in prefix:
+                if die and prefix.endswith(f"layers.{kill_at}."):
+                    raise KeyboardInterrupt("killed")
+                reads.append(int(prefix.split(".")[-2]))
+            return real(module, prefix, device)
+
+        monkeypatch.setattr(seq.loader, "materialise", spy)
+        return seq
+
+    with pytest.raises(KeyboardInterrupt):  # states on disk beyond 2 kB: the checkpoint holds spilled ones too
+        streamed_reference_cached(seq_reading(True), data, top_k=16, cache_dir=cache, batch_size=4,
+                                  max_state_bytes=2000)
+    assert reads == list(range(kill_at))
+    assert len(list((cache / "streamed-reference").iterdir())) == 1
+    reads.clear()
+    got = streamed_reference_cached(seq_reading(False), data, top_k=16, cache_dir=cache, batch_size=4,
+                                    max_state_bytes=2000)
+    assert reads == list(range(kill_at, len(model.get_decoder().layers)))
+    assert got.key == want.key
+    assert all(torch.equal(getattr(got, f), getattr(want, f)) for f in FIELDS)
+    assert not (cache / "streamed-reference").exists()  # nothing left behind
+
+
+def test_state_store_reads_only_its_own_files_and_keeps_the_elites_longest(tmp_path):
+    """A state file is read back only under a name the store makes and with metadata repeating its keys and
+    contents' hash: a foreign, renamed or altered file is ignored (and deleted, being in the store's directory);
+    files with other names are never touched. The bound evicts unpinned states first and never protected ones."""
+    from safetensors.torch import save_file
+
+    from evoreap.proxies.streamed import StateStore
+
+    a, b, c, d = ("%064x" % i for i in range(4))
+    t = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    other = tmp_path / "keep.safetensors"
+    save_file({"h": t}, str(other))
+    store = StateStore(tmp_path, 1 << 20)
+    store.put(StateStore.name(a, c), t)
+    store.max_bytes = 3 * store.bytes  # three states (every file here has the same size)
+    store.put(StateStore.name(b, c), t + 1)
+    assert torch.equal(store.get(StateStore.name(a, c), torch.device("cpu")), t)
+    # a copy under another batch's name: its metadata names the first batch, so it is not used
+    (tmp_path / StateStore.name(a, d)).write_bytes((tmp_path / StateStore.name(a, c)).read_bytes())
+    assert store.has(StateStore.name(a, d)) and store.get(StateStore.name(a, d), torch.device("cpu")) is None
+    assert not (tmp_path / StateStore.name(a, d)).exists()
+    # contents altered under the same header: the hash differs
+    raw = bytearray((tmp_path / StateStore.name(b, c)).read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / StateStore.name(b, c)).write_bytes(bytes(raw))
+    assert store.get(StateStore.name(b, c), torch.device("cpu")) is None
+    # a plain safetensors file (no metadata) under a store name
+    save_file({"h": t}, str(tmp_path / StateStore.name(b, d)))
+    assert store.get(StateStore.name(b, d), torch.device("cpu")) is None
+    # a link under a store name is not followed
+    (tmp_path / StateStore.name(d, d)).symlink_to(other)
+    assert not store.has(StateStore.name(d, d)) and store.get(StateStore.name(d, d), torch.device("cpu")) is None
+    assert other.is_file()
+    # eviction: `a` pinned (an elite), `b` protected (a running stage starts from it), the unpinned `c` goes first
+    store.put(StateStore.name(b, c), t)
+    store.pin({a})
+    store.protect({StateStore.name(b, c)})
+    store.put(StateStore.name(c, c), t)
+    store.put(StateStore.name(d, c), t)  # full: the oldest unpinned, unprotected state (c) makes room
+    assert [store.has(StateStore.name(k, c)) for k in (a, b, c, d)] == [True, True, False, True]
+    store.protect({StateStore.name(b, c), StateStore.name(d, c)})
+    store.put(StateStore.name(c, d), t)  # now only the pinned one can go
+    assert not store.has(StateStore.name(a, c)) and store.has(StateStore.name(b, c))
+    store.protect({StateStore.name(b, c), StateStore.name(d, c), StateStore.name(c, d)})
+    store.put(StateStore.name(a, c), t)  # no room left that may be taken: not kept
+    assert not store.has(StateStore.name(a, c)) and store.bytes <= store.max_bytes
+    # a new process in the same directory finds the states (and only them)
+    again = StateStore(tmp_path, store.max_bytes)
+    assert sorted(again.index) == sorted(store.index)
+    assert torch.equal(again.get(StateStore.name(c, d), torch.device("cpu")), t)
+    store.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]  # only its own files are deleted

@@ -97,12 +97,15 @@ class SearchConfig:
                                   "or population (a whole stage layer by layer, shared prefixes computed once); "
                                   "same values", group="search", choices=("auto", "single", "population"))
     state_cache_gb: float = setting(1.0, "memory for hidden states the population engine keeps across "
-                                         "generations, in GB (0: none)", group="search", metavar="GB")
+                                         "generations, in GB (0: none); streamed, the memory for a stage's states "
+                                         "and as much disk for those kept across stages", group="search",
+                                    metavar="GB")
     floor: str | None = setting(None, "per-domain floors, DOMAIN:PROXY=BOUND comma-separated (e.g. "
                                       "tools:esap=0.95,code:kl=0.2): candidates that miss one are infeasible",
                                 group="search", metavar="FLOORS")
     repair: str | None = setting(None, "repair the best allocation at the end (evoreap repair): router, router+norm, "
-                                       "router+scale or router+norm+scale", group="run", metavar="PARAMS")
+                                       "router+scale, router+norm+scale or router+norm+scale+lowrank (not for a "
+                                       "quantized checkpoint)", group="run", metavar="PARAMS")
     # -- data -------------------------------------------------------------------------------------------------------
     data: str = setting("demo", "search data spec (split 'search' for bundled domains)", group="data")
     calib_data: str = setting("demo", "calibration data for saliency (split 'calibration')", group="data")
@@ -124,7 +127,8 @@ class SearchConfig:
                                         "journal:///path.log for many workers", group="run")
     workers: int = setting(1, "worker processes on this machine", group="run")
     worker: bool = setting(False, "only score queued trials of the run named by --run (start on other machines "
-                                  "with the same --run and --storage)", group="run")
+                                  "with the same --run and --storage; each process takes its share of a stage "
+                                  "among the workers live in the storage)", group="run")
     cache_dir: str | None = setting(None, "observation/reference cache (None: $EVOREAP_CACHE or ~/.cache/evoreap)",
                                     group="run")
     export: str | None = setting(None, "export the best allocation to this directory", group="run")

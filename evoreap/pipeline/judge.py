@@ -28,6 +28,7 @@ from evoreap.pipeline.streaming import open_streamed, placement_memory, wants_st
 from evoreap.proxies.streamed import StreamedEvaluator, streamed_reference_cached
 from evoreap.observe.store import load_observation
 from evoreap.recovery.store import Repair, applied
+from evoreap.recovery.streamed_repair import applied_streamed, check_streamed
 from evoreap.reference import reference_cached
 
 log = logging.getLogger(__name__)
@@ -167,9 +168,6 @@ def _evaluate_streamed(model: str, *, allocation: Allocation | None, pruned: str
     if harness:
         raise UsageError("--lm-eval runs the whole model, which is streamed here (--offload / --max-memory); drop "
                          "one of them")
-    if repair is not None:
-        raise UsageError("a repaired allocation is evaluated on the whole model, which is streamed here (--offload "
-                         "/ --max-memory); pass --no-repair or evaluate where the model fits")
     if generate_tokens > 0:
         log.info("no generations: they need the whole model, which is streamed here")
     streamed = open_streamed(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
@@ -181,10 +179,19 @@ def _evaluate_streamed(model: str, *, allocation: Allocation | None, pruned: str
         chosen = choose_experts(allocation, loaded.adapter, str(loaded.path), criterion=criterion,
                                 observation=observation, cache_dir=cache_dir, dtype=dtype, device=device,
                                 trust_remote_code=trust_remote_code)
+        if repair is not None:  # refused before any reference is built if fitted to other experts or weights
+            check_streamed(repair, streamed.seq, chosen.kept, cache_dir)
     reference = streamed_reference_cached(streamed.seq, held, top_k=reference_top_k, cache_dir=cache_dir,
                                           batch_size=batch_size)
     ev = StreamedEvaluator(streamed.seq, held, reference=reference, batch_size=batch_size, cache_dir=cache_dir)
-    if allocation is not None:
+    if allocation is not None and repair is not None:
+        # the repaired values go into every layer read, so the pruned candidate gets a pass of its own
+        name = "pruned (masked, repaired)"
+        (full,) = ev.score([None], proxies=METRICS)
+        with applied_streamed(streamed.seq, repair):
+            (cand,) = StreamedEvaluator(streamed.seq, held, reference=reference, batch_size=batch_size,
+                                        other_model=True).score([_masks(loaded, chosen.kept)], proxies=METRICS)
+    elif allocation is not None:
         name = "pruned (masked)"
         full, cand = ev.score([None, _masks(loaded, chosen.kept)], proxies=METRICS)
     else:

@@ -34,7 +34,7 @@ from evoreap.models import LoadedModel, load_config, load_model, load_tokenizer,
 from evoreap.observe.store import cache_root, observe_cached
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.report import write_report
-from evoreap.recovery.repair import FIT_TOKENS, RepairSettings, fit_repair
+from evoreap.recovery.repair import FIT_TOKENS, RepairSettings, fit_repair, settings_for_source
 from evoreap.recovery.store import Repair, applied, export_edits, storage_dtype
 from evoreap.recovery.floors import (Floor, domain_seeds, floor_proxies, parse_floors, penalized, ranked_curves,
                                      repair_for_floors)
@@ -47,12 +47,12 @@ from evoreap.proxies.streamed import StreamedEvaluator, streamed_fingerprint, st
 from evoreap.pipeline.streaming import Streamed, memory_limit_gb, observe_streamed, open_streamed, placement_memory, \
     wants_streaming
 from evoreap.reference import model_fingerprint, reference_cached
-from evoreap.search.driver import EvolutionSettings, Leader, SearchLimits, work_queue
+from evoreap.search.driver import LIVE, EvolutionSettings, Group, Leader, SearchLimits, work_queue
 from evoreap.search.evolution import layer_mass_curves
 from evoreap.search.samplers import optuna_sampler_search
 from evoreap.search.space import Budget, SearchSpace, load_space_settings
 from evoreap.search.storage import StorageSpec, check_storage, fail_dead_trials, mask_url, open_storage, \
-    probe_storage
+    present, probe_storage
 
 log = logging.getLogger(__name__)
 STUDY_NAME = "evoreap"
@@ -139,7 +139,8 @@ class SearchSession:
                                               trust_remote_code=config.trust_remote_code):
             if config.repair:
                 raise SettingError("repair", "{name} fits router parameters through the whole model, which is "
-                                   "streamed here (--offload / --max-memory); run evoreap repair where it fits")
+                                   "streamed here (--offload / --max-memory); afterwards run evoreap repair "
+                                   "--objective local --offload on the best allocation (fitted layer by layer)")
             streamed = open_streamed(config.model, dtype=config.dtype, device=config.device,
                                      trust_remote_code=config.trust_remote_code, cache_dir=config.cache_dir)
             loaded = streamed.loaded
@@ -147,6 +148,8 @@ class SearchSession:
             loaded = load_model(config.model, dtype=config.dtype, device=config.device,
                                 trust_remote_code=config.trust_remote_code, device_map=config.device_map,
                                 max_memory=placement_memory(config.max_memory, config.device_map))
+        if config.repair:  # a low-rank set cannot be merged into a quantized checkpoint: refused before the search
+            settings_for_source(RepairSettings(params=config.repair), loaded.path, explicit=True)
         sizes = adapter.expert_params_per_layer(loaded.model)
         if len(set(sizes)) > 1:  # layers of unequal expert size: the budget and the space in real parameters
             space = build(sizes)
@@ -247,11 +250,13 @@ class SearchSession:
         """Score a group of (allocation, tokens) requests together with the population engine (shared prefixes and
         hidden states kept across generations); the same values as :meth:`scorer` gives one by one."""
         if self.population is None and self.streamed is not None:
-            # a stage checkpoints after every layer under the run directory: a killed stage resumes there
+            # a stage checkpoints after every layer under the run directory: a killed stage resumes there; nodes'
+            # states are kept across stages on disk (streamed/states, --state-cache-gb of them) for later stages
             self.population = StreamedEvaluator(self.streamed.seq, self.search_data, reference=self.reference,
                                                 order=self.order, batch_size=self.config.batch_size,
                                                 max_state_bytes=int(self.config.state_cache_gb * 2**30),
-                                                resume_dir=self.run.path / "streamed", cache_dir=self.config.cache_dir)
+                                                resume_dir=self.run.path / "streamed", cache_dir=self.config.cache_dir,
+                                                store_bytes=int(self.config.state_cache_gb * 2**30))
         if self.population is None:
             cache = StateCache(int(self.config.state_cache_gb * 2**30))
             self.population = PopulationEvaluator(self.loaded.model, self.loaded.adapter, self.search_data,
@@ -289,11 +294,13 @@ class SearchSession:
 
     # -- roles ------------------------------------------------------------------------------------------------------
     def work(self) -> None:
-        """A worker: score queued trials until the leader marks the study done."""
-        while not self.study.user_attrs.get("done"):
-            if work_queue(self.study, self.space, self.scorer, self._stage_scorer(), group=self._group()) == 0:
-                time.sleep(0.1)
-            self.study = optuna.load_study(study_name=self.study.study_name, storage=self.study._storage)
+        """A worker: score queued trials until the leader marks the study done, announced in the study meanwhile
+        (so that every process sizes its share of a stage from the live workers)."""
+        with present(self.study) as me:
+            while not self.study.user_attrs.get("done"):
+                if work_queue(self.study, self.space, self.scorer, self._stage_scorer(), self._group(), me=me) == 0:
+                    time.sleep(0.1)
+                self.study = optuna.load_study(study_name=self.study.study_name, storage=self.study._storage)
 
     def lead(self) -> SearchResult:
         fail_dead_trials(self.study)
@@ -432,11 +439,10 @@ class SearchSession:
                                        "repairs": moves})
         return {n: c for n, c in seeds.items() if n != "uniform"}
 
-    def _group(self) -> int | None:
-        """Trials one process takes at a time: all waiting ones alone, a share when local workers help."""
-        if self.config.workers <= 1:
-            return None
-        return max(1, -(-self.settings.offspring // self.config.workers))
+    def _group(self) -> Group:
+        """Trials one process takes at a time: its share of the stage among the workers announced live in the study
+        (local ones and those started with --worker on other machines), so all waiting ones when it is alone."""
+        return LIVE
 
     # -- the end ----------------------------------------------------------------------------------------------------
     def finish(self, result: dict[str, Any]) -> SearchResult:

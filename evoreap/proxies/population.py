@@ -19,6 +19,7 @@ what the model does after its layers (final norm, head, any scaling) is the mode
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -47,6 +48,11 @@ Masks = Mapping[int, torch.Tensor] | None
 Progress = Callable[[int, int], None]
 
 DEFAULT_CACHE_BYTES = 1 << 30
+# Cached states live in slots of slabs this large: above glibc's largest dynamic mmap threshold (32 MiB on 64-bit),
+# so every slab is its own mapping, returned to the system when freed. States held one by one as the layers' own
+# ~1 MB output tensors came from the heap between transient buffers and kept it fragmented (4.4 GB peak RSS on the
+# README's search, against 0.7 GB for one forward per candidate plus the 1 GB cache).
+SLAB_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,61 @@ class WorkCount:
         return self.computed / self.naive if self.naive else 1.0
 
 
+class SlotPool:
+    """Fixed-size buffers for the cached states, carved out of large slabs and reused: an evicted state's slot takes
+    the next state of at most its size (same dtype and device), so once the cache is full nothing more is allocated.
+
+    ``take`` copies a tensor into a slot and returns the slot's view in the tensor's shape; ``give`` returns the
+    slot. A slab is freed when :meth:`clear` drops the pool and no view of it is left. Not a torch allocator feature:
+    torch's CPU allocator hands every tensor to malloc, so a long-lived tensor pins its part of the heap.
+    """
+
+    def __init__(self, slab_bytes: int = SLAB_BYTES):
+        self.slab_bytes = slab_bytes
+        self.free: dict[tuple[torch.dtype, torch.device, int], list[torch.Tensor]] = {}
+        self.slabs = 0  # slabs allocated so far (a measure of reuse)
+
+    def take(self, t: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(view, slot)``: a free slot (1-D) holding a copy of ``t`` and its view in ``t``'s shape; a new slab
+        holds at most ``limit`` bytes (the cache's budget)."""
+        n = t.numel()
+        fits = [k for k, v in self.free.items() if v and k[0] == t.dtype and k[1] == t.device and k[2] >= n]
+        if fits:
+            slot = self.free[min(fits, key=lambda k: k[2])].pop()
+        else:
+            size = max(1, n * t.element_size())
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                slab = torch.empty((max(1, min(self.slab_bytes, limit) // size), n), dtype=t.dtype, device=t.device)
+            self.slabs += 1
+            slots = list(slab.unbind(0))  # each a view: the slab lives as long as any of them
+            slot = slots.pop()
+            self.free.setdefault((t.dtype, t.device, n), []).extend(slots)
+        return slot[:n].view(t.shape).copy_(t), slot
+
+    def give(self, slot: torch.Tensor) -> None:
+        """Return a slot that :meth:`take` handed out; views of it must no longer be read."""
+        self.free.setdefault((slot.dtype, slot.device, slot.numel()), []).append(slot)
+
+    def clear(self) -> None:
+        self.free.clear()
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``) after a stage, whose transient buffers
+    (logits, hidden states) leave the heap's high-water mark behind; a no-op where the C library is not glibc."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim: Callable | bool | None = None
+
+
 class StateCache:
     """Hidden states of prefix-tree nodes per batch of rows, bounded by ``max_bytes``: least recently used out first,
     except that states of pinned nodes (:meth:`pin`: the current elites' paths, which their children start from) go
@@ -81,6 +142,9 @@ class StateCache:
     same slices of the token order), ``node`` a prefix-tree node id. ``spill_dir`` (or ``spill=True`` for a temporary
     directory) keeps evicted states in safetensors files instead of dropping them (the disk holds at most
     ``max_disk_bytes``); they are read back on a hit.
+
+    States are copied into reused slots of a :class:`SlotPool` (not kept as the layers' output tensors), and
+    :meth:`get` returns a copy: a slot may take another state as soon as its own is evicted.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, *, spill: bool = False,
@@ -97,6 +161,8 @@ class StateCache:
         self.disk_bytes = 0
         self._files = 0
         self.hits = self.misses = 0
+        self.pool = SlotPool()
+        self._slots: dict[tuple, torch.Tensor] = {}  # key -> the slot under its state in mem or kept
 
     def __contains__(self, key: tuple) -> bool:
         return key in self.mem or key in self.kept or key in self.disk
@@ -106,7 +172,7 @@ class StateCache:
             if key in held:
                 held.move_to_end(key)
                 self.hits += 1
-                return held[key].to(device)
+                return held[key].to(device, copy=True)  # the caller's: the slot may be reused meanwhile
         path, _ = self.disk[key]
         self.disk.move_to_end(key)
         self.hits += 1
@@ -138,13 +204,22 @@ class StateCache:
             if key not in self.disk:
                 self._spill(key, t)
             return
-        (self.kept if key[1] in self.pinned else self.mem)[key] = t
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            old, value = (self.mem or self.kept).popitem(last=False)
-            self.bytes -= value.numel() * value.element_size()
-            if old not in self.disk:
-                self._spill(old, value)
+        while self.bytes + size > self.max_bytes:  # evict first, so that the new state can take a freed slot
+            self._evict()
+        view, slot = self.pool.take(t.detach(), self.max_bytes)
+        (self.kept if key[1] in self.pinned else self.mem)[key] = view
+        self._slots[key] = slot
+        self.bytes += slot.numel() * slot.element_size()
+        while self.bytes > self.max_bytes:  # a larger slot than the state needed
+            self._evict()
+
+    def _evict(self) -> None:
+        old, value = (self.mem or self.kept).popitem(last=False)
+        slot = self._slots.pop(old)
+        self.bytes -= slot.numel() * slot.element_size()
+        if old not in self.disk:
+            self._spill(old, value)
+        self.pool.give(slot)
 
     def _spill(self, key: tuple, t: torch.Tensor) -> None:
         if self._dir is None:
@@ -165,6 +240,8 @@ class StateCache:
     def clear(self) -> None:
         self.mem.clear()
         self.kept.clear()
+        self._slots.clear()
+        self.pool.clear()
         self.bytes = 0
         for path, _ in self.disk.values():
             os.unlink(path)
@@ -277,6 +354,7 @@ class PopulationEvaluator:
                     progress(done, total)
         self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached,
                               self.work.candidates + len(candidates))
+        release_freed_memory()
         return [tallies[p].result() for p in paths]
 
     def _inputs(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:

@@ -12,7 +12,13 @@ masked forward of :func:`evoreap.proxies.evaluate` on the resident model (tested
 
 With a ``resume_dir`` a stage checkpoints after every layer (the live nodes' states and a manifest naming the stage:
 its candidates' masks, rows, batch size and model); a stage killed and started again with the same candidates
-resumes after the last completed layer.
+resumes after the last completed layer. The streamed reference checkpoints the same way.
+
+Across stages (the generations of a search) the nodes' states are kept in a :class:`StateStore`: files on disk
+bounded in bytes, named by the node's prefix (the masks below it) and the batch (model fingerprint, rows, tokens),
+the elites' nodes evicted last. A candidate of a later stage starts, on each batch, from the deepest node of its
+path the store holds (a child of an elite where it first differs from it; a survivor re-scored on more tokens from
+its final states on the batches it was scored on), and a decoder layer is read only when some path still needs it.
 """
 
 from __future__ import annotations
@@ -23,17 +29,19 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from evoreap.data import TokenData
 from evoreap.errors import EvoreapError
-from evoreap.files import write_json_atomic
+from evoreap.files import cache_root, write_json_atomic
 from evoreap.fingerprint import checkpoint_fingerprint
 from evoreap.masking import masked
 from evoreap.observe.sequential import LayerCapture, SequentialModel
@@ -120,6 +128,146 @@ class _Frontier:
             (self.dir / name).unlink(missing_ok=True)
         self._doomed.clear()
 
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self.mem or key in self.files
+
+
+_STATE_FORMAT = "evoreap-streamed-state"
+_STATE_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{64}\.safetensors")
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+class _StoreMiss(Exception):
+    """A state the stage was planned to start from is gone from the store (another process evicted it)."""
+
+
+class StateStore:
+    """Hidden states of prefix-tree nodes kept across stages (the generations of a search), one safetensors file
+    each in ``directory``, at most ``max_bytes`` of them: least recently used out first, the pinned nodes' (the
+    elites', :meth:`pin`) last, and never one a running stage starts from (:meth:`protect`).
+
+    A state is named ``<prefix key>-<batch key>``: the prefix key hashes the router masks of the layers below it (the
+    same candidates' prefix as the population engine's :class:`~evoreap.proxies.population.StateCache` node), the
+    batch key the model fingerprint, the device, the batch's row indices and their tokens, so a state is found only
+    for the same prefix on the same batch of the same model and data. Files are read back only under names this
+    class makes, and only when their metadata repeat both keys and the sha256 of the tensor (anything else is deleted
+    and recomputed). Disk files rather than memory: the streamed engine runs where memory is short; the files are
+    written by safetensors under a temporary name and renamed, so a killed run leaves whole files or none, and a
+    search re-run in the same run directory finds them again.
+    """
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.dir, self.max_bytes = Path(directory), max_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self.bytes = 0
+        self.pinned: frozenset[str] = frozenset()  # prefix keys
+        self.protected: set[str] = set()
+        self.hits = self.writes = self.evicted = 0
+        found = [p for p in self.dir.iterdir() if _STATE_NAME.fullmatch(p.name)]
+        for p in sorted(found, key=lambda p: p.stat().st_mtime):  # a re-run in the same directory: a killed run's
+            self._adopt(p.name)
+        self._shrink(0)
+
+    def _adopt(self, name: str) -> bool:
+        try:
+            st = (self.dir / name).lstat()
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):  # a link could point anywhere: only plain files written here
+            return False
+        size = st.st_size
+        self.index[name] = size
+        self.bytes += size
+        return True
+
+    @staticmethod
+    def name(prefix: str, batch: str) -> str:
+        return f"{prefix}-{batch}.safetensors"
+
+    def has(self, name: str) -> bool:
+        """Held here (or written by another process sharing the directory since)."""
+        return name in self.index or self._adopt(name)
+
+    def pin(self, prefixes: set[str] | frozenset[str]) -> None:
+        self.pinned = frozenset(prefixes)
+
+    def protect(self, names: set[str]) -> None:
+        self.protected = set(names)
+
+    def get(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The state, or None when it is missing or not a file this class wrote for this name (then deleted)."""
+        from safetensors import safe_open
+
+        path = self.dir / name
+        prefix, batch = name[:64], name[65:129]
+        try:
+            if path.is_symlink() or not _STATE_NAME.fullmatch(name):
+                raise OSError("not a state file")
+            with safe_open(str(path), framework="pt") as f:
+                meta, keys = f.metadata() or {}, list(f.keys())
+                t = f.get_tensor("h") if keys == ["h"] else None
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: recompute rather than fail
+            log.debug("state %s unreadable (%s)", path, e)
+            t, meta = None, {}
+        if t is None or meta != {"format": _STATE_FORMAT, "prefix": prefix, "batch": batch, "sha256": _digest(t)}:
+            if path.exists():
+                log.warning("ignoring a hidden-state file that this engine did not write: %s", path)
+            self._remove(name)
+            return None
+        self.index.move_to_end(name)
+        self.hits += 1
+        return t.to(device)
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        if self.has(name) or t.numel() * t.element_size() > self.max_bytes:
+            return
+        t = t.detach().cpu().contiguous()
+        blob = save({"h": t}, metadata={"format": _STATE_FORMAT, "prefix": name[:64], "batch": name[65:129],
+                                        "sha256": _digest(t)})
+        if not self._shrink(len(blob)):
+            return
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        try:  # not evoreap.files' atomic write: its fsync per state costs more than a lost state (recomputed)
+            tmp.write_bytes(blob)
+            os.replace(tmp, self.dir / name)
+        except OSError as e:  # a full disk costs reuse, not the search
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot keep hidden states in %s (%s)", self.dir, e)
+            return
+        self.writes += 1
+        self._adopt(name)
+
+    def _shrink(self, size: int) -> bool:
+        """Make room for ``size`` more bytes: False when the protected states leave none."""
+        while self.bytes + size > self.max_bytes:
+            victims = [k for k in self.index if k not in self.protected]
+            if not victims:
+                return False
+            victim = next((k for k in victims if k[:64] not in self.pinned), victims[0])
+            self._remove(victim)
+            self.evicted += 1
+        return True
+
+    def _remove(self, name: str) -> None:
+        self.bytes -= self.index.pop(name, 0)
+        (self.dir / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Delete every state (the search is over), and the directory when nothing else is in it."""
+        for name in list(self.index):
+            self._remove(name)
+        for p in self.dir.glob("*.safetensors"):  # adopted by has() after the index was read
+            if _STATE_NAME.fullmatch(p.name):
+                p.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+
 
 class StreamedEvaluator:
     """Scores lists of candidates (router masks) on ``data`` with the model streamed layer by layer from its shards.
@@ -128,17 +276,29 @@ class StreamedEvaluator:
     :func:`evoreap.proxies.evaluate` on the resident model, per candidate). ``model_fp`` (default: computed from the
     files) is checked against the reference's; ``other_model=True`` skips that check (a pruned export compared with
     its source's reference). ``max_state_bytes`` bounds the hidden states kept in memory between layers (the rest
-    goes to disk); ``resume_dir`` makes stages resumable (see the module docstring).
+    goes to disk); ``resume_dir`` makes stages resumable (see the module docstring). ``store_bytes`` > 0 keeps
+    the nodes' states across calls in a :class:`StateStore` of that many bytes on disk (in ``store_dir``, default
+    ``resume_dir/states`` or a temporary directory; deleted by :meth:`close`): a candidate of a later stage starts
+    from the deepest state of its prefix stored for the same batch, and the layers below it are not computed for it.
     """
 
     def __init__(self, seq: SequentialModel, data: TokenData, *, reference: Reference | None = None,
                  order: torch.Tensor | None = None, batch_size: int = 8, max_state_bytes: int = DEFAULT_CACHE_BYTES,
                  resume_dir: str | Path | None = None, model_fp: str | None = None, other_model: bool = False,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, store_bytes: int = 0, store_dir: str | Path | None = None):
         self.seq, self.model, self.adapter, self.data = seq, seq.model, seq.adapter, data
         self.reference, self.order, self.batch_size = reference, order, batch_size
         self.max_state_bytes = max_state_bytes
         self.resume_dir = Path(resume_dir) if resume_dir is not None else None
+        self._store_tmp = None
+        self.store: StateStore | None = None
+        if store_bytes > 0:
+            if store_dir is None and self.resume_dir is not None:
+                store_dir = self.resume_dir / "states"
+            if store_dir is None:
+                self._store_tmp = tempfile.TemporaryDirectory(prefix="evoreap-states-")
+                store_dir = self._store_tmp.name
+            self.store = StateStore(store_dir, store_bytes)
         self.other_model, self.cache_dir = other_model, cache_dir
         self._fp = model_fp
         self.decoder = seq.decoder
@@ -163,6 +323,39 @@ class StreamedEvaluator:
                  for i in sorted(self.moe)]
         return hashlib.sha256(b"|".join(parts)).digest()
 
+    def retain(self, candidates: Sequence[Masks]) -> None:
+        """The current elites: their states stay in the store before any other's (their children start from
+        them); replaces the previous call's choice."""
+        if self.store is not None:
+            self.store.pin({k for m in candidates for k in self._prefixes(dict(m or {}))[1:]})
+
+    def _prefixes(self, masks: dict[int, torch.Tensor]) -> list[str]:
+        """The prefix key of each node of a candidate's path (index 0 = the embeddings): a hash of the masks below
+        it, equal for two candidates exactly when their prefix-tree nodes are (the trie's keys, chained)."""
+        keys = [hashlib.sha256(b"evoreap-prefix").hexdigest()]
+        for d in range(self.n_layers):
+            keep = masks.get(d)
+            part = b"-" if keep is None else keep.detach().to("cpu", torch.bool).numpy().tobytes()
+            keys.append(hashlib.sha256(keys[-1].encode() + b"|" + part).hexdigest())
+        return keys
+
+    def _batch_keys(self, batches: list[torch.Tensor]) -> list[str]:
+        device = str(self.seq.device)
+        return [hashlib.sha256(json.dumps({"model": self.model_fp, "device": device, "seq_len": self.data.seq_len,
+                                           "rows": index.tolist(), "tokens": hashlib.sha256(
+                                               self.data.input_ids[index].numpy().tobytes()
+                                               + self.data.attention_mask[index].numpy().tobytes()).hexdigest()},
+                                          sort_keys=True).encode()).hexdigest() for index in batches]
+
+    def close(self) -> None:
+        """Delete the stored states."""
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._store_tmp is not None:
+            self._store_tmp.cleanup()
+            self._store_tmp = None
+
     def _paths(self, candidates: Sequence[Masks]) -> list[tuple[int, ...]]:
         """Node ids per candidate (the population engine's prefix tree, built fresh per stage), numbered in the
         order of the candidates' mask hashes so that the same stage gets the same ids in another process."""
@@ -184,9 +377,16 @@ class StreamedEvaluator:
             raise EvoreapError("the reference distributions were computed with another model (weights or config "
                                "differ) than the checkpoint streamed here; rebuild the reference")
         rows = select_sequences(self.data, self.order, n_tokens)
-        paths = self._run(candidates, rows, progress)
-        tallies = {p: Tally(specs, self.data, self.reference) for p in dict.fromkeys(paths)}
-        self._head(rows, {p: tallies[p].add for p in tallies})
+        try:
+            paths = self._run(candidates, rows, progress)
+            tallies = {p: Tally(specs, self.data, self.reference) for p in dict.fromkeys(paths)}
+            self._head(rows, {p: tallies[p].add for p in tallies})
+        except _StoreMiss as e:  # another process sharing the store evicted a state this stage planned to use
+            log.warning("a stored hidden state vanished (%s); scoring the stage again without the store", e)
+            self._discard()
+            paths = self._run(candidates, rows, progress, use_store=False)
+            tallies = {p: Tally(specs, self.data, self.reference) for p in dict.fromkeys(paths)}
+            self._head(rows, {p: tallies[p].add for p in tallies})
         self._finish(rows)
         self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached,
                               self.work.candidates + len(candidates))
@@ -194,11 +394,13 @@ class StreamedEvaluator:
 
     def reference_distributions(self, top_k: int) -> Reference:
         """The unpruned model's :class:`~evoreap.reference.Reference` on every row of the data, in the data's own
-        batches (as :func:`~evoreap.reference.build_reference` makes it on the resident model)."""
+        batches (as :func:`~evoreap.reference.build_reference` makes it on the resident model). With a
+        ``resume_dir`` it checkpoints after every layer like a stage: a killed build resumes after its last
+        completed layer."""
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         builder = ReferenceBuilder(self.data, top_k, vocab)
         rows = torch.arange(len(self.data))
-        (path,) = self._run([None], rows, None)
+        (path,) = self._run([None], rows, None, use_store=False)  # the data's own batches: nothing to share
         self._head(rows, {path: builder.add})
         self._finish(rows)
         return builder.result(self.model_fp)
@@ -218,9 +420,11 @@ class StreamedEvaluator:
         identity.pop("candidates")  # the manifest stays small; the directory name pins them
         return self.resume_dir / f"stage-{digest[:24]}", identity
 
-    def _run(self, candidates: Sequence[Masks], rows: torch.Tensor, progress: Progress | None
-             ) -> list[tuple[int, ...]]:
-        """Every decoder layer over every live node; leaves ``self._front`` holding the leaves' final states."""
+    def _run(self, candidates: Sequence[Masks], rows: torch.Tensor, progress: Progress | None,
+             use_store: bool = True) -> list[tuple[int, ...]]:
+        """Every decoder layer over every live node; leaves ``self._front`` holding the leaves' final states (or
+        ``self._stored`` naming where the store holds them). A path starts, per batch, from the deepest node the
+        store holds; a layer is read when some path still needs it."""
         for masks in candidates:  # a bad mask fails here, before any layer is read
             with masked(self.model, self.adapter, dict(masks or {})):
                 pass
@@ -229,14 +433,34 @@ class StreamedEvaluator:
         mask_of = {p: dict(m or {}) for p, m in zip(paths, candidates)}
         batches = self._batches(rows)
         n, device = self.n_layers, self.seq.device
-        positions = len(rows) * self.data.seq_len
+        sizes = [len(index) * self.data.seq_len for index in batches]
         per_row = scored_positions(self.data.attention_mask).sum(1)
         total = int(per_row[rows].sum()) * len(candidates)
+
+        store = self.store if use_store else None
+        start = {(p, b): 0 for p in leaves for b in range(len(batches))}
+        self._names: dict[tuple[int, int], str] = {}
+        if store is not None:
+            node_key: dict[int, str] = {}
+            for p in leaves:
+                node_key.update(zip(p, self._prefixes(mask_of[p])))
+            batch_keys = self._batch_keys(batches)
+            self._names = {(node, b): StateStore.name(key, bk) for node, key in node_key.items() if node
+                           for b, bk in enumerate(batch_keys)}
+            for p, b in start:
+                start[p, b] = next((d for d in range(n, 0, -1) if store.has(self._names[p[d], b])), 0)
 
         done_layer, identity = -1, None
         if self.resume_dir is not None:
             directory, identity = self._stage_dir(candidates, rows)
             done_layer, files = _read_manifest(directory, identity)
+            if done_layer >= 0:
+                have = {tuple(int(x) for x in k.split("-")) for k in files}
+                if all((p[done_layer + 1], b) in have for (p, b), s in start.items() if s <= done_layer + 1):
+                    start = {k: max(s, done_layer + 1) for k, s in start.items()}
+                else:  # planned with states the store no longer has: start over
+                    log.warning("stage checkpoint %s misses states; the stage starts over", directory)
+                    done_layer, files = -1, {}
             directory.mkdir(parents=True, exist_ok=True)
             self._tmp = None
         else:
@@ -247,30 +471,43 @@ class StreamedEvaluator:
         if done_layer >= 0:
             front.files = {tuple(int(x) for x in k.split("-")): v for k, v in files.items()}
             log.info("resuming a streamed stage after layer %d of %d (%s)", done_layer, n, directory)
+        if store is not None:  # what this stage starts from stays until it is done
+            store.protect({self._names[p[s], b] for (p, b), s in start.items() if s > 0})
+        cached = {(p[s], b): s * sizes[b] for (p, b), s in start.items() if s > 0 and done_layer < 0}
+        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached + sum(cached.values()),
+                              self.work.candidates)
 
-        args_of = self._arguments(batches, front if done_layer < 0 else None)
+        roots = {b for (_, b), s in start.items() if s == 0} if done_layer < 0 else set()
+        args_of = self._arguments(batches, front, roots) if min(start.values()) < n else []
         with torch.inference_mode():
             for d in range(done_layer + 1, n):
-                children: dict[int, dict[int, torch.Tensor | None]] = {}
-                for p in leaves:
-                    children.setdefault(p[d], {})[p[d + 1]] = mask_of[p].get(d)
+                plan: list[dict[int, dict[int, torch.Tensor | None]]] = [{} for _ in batches]
+                for (p, b), s in start.items():
+                    if s <= d:
+                        plan[b].setdefault(p[d], {})[p[d + 1]] = mask_of[p].get(d)
+                if not any(plan):  # every path starts above this layer: not read
+                    continue
                 layer = self.decoder.layers[d]
                 self.seq.loader.materialise(layer, f"{self.seq.prefix}layers.{d}.", device)
                 self.layers_read.append(d)
+                tokens = 0
                 try:
-                    for b in range(len(batches)):
+                    for b, children in enumerate(plan):
                         _, a, kw = args_of[b][d]
                         for parent, kids in children.items():
-                            h = front.get((parent, b), device)
+                            h = self._state(parent, b, device)
                             for child, keep in kids.items():
                                 with masked(self.model, self.adapter, {d: keep} if keep is not None else {}):
                                     out = layer(h, *a, **kw)
-                                front.put((child, b), out[0] if isinstance(out, tuple) else out)
+                                out = out[0] if isinstance(out, tuple) else out
+                                front.put((child, b), out)
+                                if store is not None:
+                                    store.put(self._names[child, b], out)
+                                tokens += sizes[b]
                             front.drop((parent, b))
                             del h
                 finally:
                     layer.to("meta")
-                tokens = sum(len(k) for k in children.values()) * positions
                 self.work = WorkCount(self.work.computed + tokens, self.work.naive, self.work.cached,
                                       self.work.candidates)
                 if self.resume_dir is not None:
@@ -280,15 +517,24 @@ class StreamedEvaluator:
                 self.spilled_state_bytes = front.spilled
                 if progress is not None:
                     progress(total * (d + 1) // (n + 1), total)
-        self.work = WorkCount(self.work.computed, self.work.naive + len(candidates) * n * positions,
+        self.work = WorkCount(self.work.computed, self.work.naive + len(candidates) * n * sum(sizes),
                               self.work.cached, self.work.candidates)
         self._total, self._progress = total, progress
         return paths
 
-    def _arguments(self, batches: list[torch.Tensor], front: _Frontier | None) -> list[dict[int, tuple]]:
+    def _state(self, node: int, b: int, device: torch.device) -> torch.Tensor:
+        """A live node's states on batch ``b``: computed in this stage, or where the stage starts, from the store."""
+        if (node, b) in self._front:
+            return self._front.get((node, b), device)
+        t = self.store.get(self._names[node, b], device) if self.store is not None and self._names else None
+        if t is None:
+            raise _StoreMiss(f"node {node} batch {b}")
+        return t
+
+    def _arguments(self, batches: list[torch.Tensor], front: _Frontier, roots: set[int]) -> list[dict[int, tuple]]:
         """Every layer's arguments per batch (attention masks, rotary tables) from one pass of the decoder whose
-        layers are stand-ins, with the embeddings (and rotary module) materialised for it; layer 0's inputs go
-        into ``front`` as the root node's states."""
+        layers are stand-ins, with the embeddings (and rotary module) materialised for it; layer 0's inputs on the
+        batches ``roots`` go into ``front`` as the root node's states."""
         device = self.seq.device
         out: list[dict[int, tuple]] = []
         self.seq._materialise_outer()
@@ -300,7 +546,7 @@ class StreamedEvaluator:
                     with _layers_replaced(self.decoder, stand_ins):
                         self.decoder(input_ids=self.data.input_ids[index].to(device),
                                      attention_mask=self.data.attention_mask[index].to(device), use_cache=False)
-                    if front is not None:
+                    if b in roots:
                         front.put((0, b), sink[0][0])
                     out.append({i: (None, a, kw) for i, (_, a, kw) in sink.items()})
         finally:
@@ -329,7 +575,7 @@ class StreamedEvaluator:
             with torch.inference_mode():
                 for b, index in enumerate(self._batches(rows)):
                     for leaf, add in sinks.items():
-                        final = self._front.get((leaf[n], b), device)
+                        final = self._state(leaf[n], b, device)
                         stand_ins = [_Replay(i, layer, final) for i, layer in enumerate(self.decoder.layers)]
                         with _layers_replaced(self.decoder, stand_ins):
                             out = self.model(input_ids=self.data.input_ids[index].to(device),
@@ -349,10 +595,16 @@ class StreamedEvaluator:
         """The stage is scored: its states and checkpoint are removed."""
         if self._progress is not None:
             self._progress(self._total, self._total)
+        self._discard()
+        if self._tmp is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _discard(self) -> None:
+        """Forget the stage's live states (a checkpoint stays)."""
         if self._tmp is not None:
             self._tmp.cleanup()
-        else:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if self.store is not None:
+            self.store.protect(set())
         self._front = None
 
 
@@ -388,12 +640,21 @@ def streamed_reference_cached(seq: SequentialModel, data: TokenData, *, top_k: i
                               cache_dir: str | Path | None = None, batch_size: int = 8,
                               max_state_bytes: int = DEFAULT_CACHE_BYTES) -> Reference:
     """:func:`evoreap.reference.reference_cached` for a streamed model: the same cache entry (same key) as the
-    resident model's, built layer by layer when missing."""
+    resident model's, built layer by layer when missing. The build checkpoints after every layer under
+    ``<cache root>/streamed-reference/`` (a stage of one candidate, the unpruned model, named by the model
+    fingerprint and the data), so a killed build resumes after its last completed layer."""
     fp = streamed_fingerprint(seq, cache_dir)
+    partial = cache_root(cache_dir) / "streamed-reference"
 
     def build() -> Reference:
         log.info("building the reference layer by layer from %s", seq.path)
-        ev = StreamedEvaluator(seq, data, batch_size=batch_size, max_state_bytes=max_state_bytes, model_fp=fp)
-        return ev.reference_distributions(top_k)
+        ev = StreamedEvaluator(seq, data, batch_size=batch_size, max_state_bytes=max_state_bytes, model_fp=fp,
+                               resume_dir=partial)
+        ref = ev.reference_distributions(top_k)
+        try:  # the stage's own directory is gone; the parent too when no other build is under way
+            partial.rmdir()
+        except OSError:
+            pass
+        return ref
 
     return cached_reference(fp, data, top_k, cache_dir, build)

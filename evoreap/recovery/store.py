@@ -2,10 +2,13 @@
 resident model (``with applied(...)``) and to an export (:func:`export_edits`).
 
 A repair file holds full replacement values of a few model tensors, named as the model names them (router weights,
-router biases, the norm before each MoE block), plus one ``<experts>.output_scale`` ``[E]`` per layer whose expert
-outputs are rescaled. Router and norm values are stored in the checkpoint's own dtype, so that an export writes
-exactly the values the repaired masked model computes with; an output scale is folded into the expert's
-``down_proj`` (and its bias) and rounded to that dtype in both places the same way.
+router biases, the norm before each MoE block), plus per pruned layer one ``<experts>.output_scale`` ``[E]`` (each
+expert's output rescaled) and/or a low-rank update of every expert's down projection, ``<experts>.down_proj_lowrank_b``
+``[E, D0, r]`` and ``<experts>.down_proj_lowrank_a`` ``[E, r, D1]`` for a ``down_proj`` of ``[E, D0, D1]`` (in the
+model's own layout, transposed or not). Router and norm values are stored in the checkpoint's own dtype, so that an
+export writes exactly the values the repaired masked model computes with; scales and low-rank factors stay float32
+and are merged into ``down_proj`` (and the scale into its bias) as ``(W + B @ A) * s``, rounded to that dtype in both
+places the same way (:func:`merge_down`), so an export is a plain checkpoint with no extra tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 
 from evoreap.adapters import MoEAdapter
 from evoreap.checkpoint import CheckpointIndex, KeyLayout
+from evoreap.checkpoint.quant import quantization_config, read_raw_config
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import sha256_json, shareable
 from evoreap.fingerprint import weights_fingerprint
@@ -32,6 +36,9 @@ from evoreap.fingerprint import weights_fingerprint
 FORMAT = "evoreap-repair"
 VERSION = 1
 SCALE = "output_scale"  # suffix of a per-expert output scale: "<experts module>.output_scale"
+LOWRANK_A = "down_proj_lowrank_a"  # "<experts module>.down_proj_lowrank_a": [E, r, D1]
+LOWRANK_B = "down_proj_lowrank_b"  # "<experts module>.down_proj_lowrank_b": [E, D0, r], zero at the start
+FOLDED = (SCALE, LOWRANK_A, LOWRANK_B)  # float32 tensors merged into down_proj rather than model tensors
 SUFFIX = ".repair.safetensors"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -54,7 +61,8 @@ class Repair:
 
     Attributes:
         tensors: model tensor name -> full replacement (router rows of cut experts are left as they were), or
-            ``<experts>.output_scale`` -> ``[E]`` float32 scale of each expert's output.
+            ``<experts>.output_scale`` -> ``[E]`` float32 scale of each expert's output, or the float32 low-rank
+            factors ``<experts>.down_proj_lowrank_b`` / ``_a`` of each expert's down projection update.
         meta: ``model_fingerprint``, ``allocation_fingerprint``, ``kept``, ``params``, ``objective``, ``accepted``,
             ``storage_dtype``, the search-split values before and after, the fitting history and settings.
     """
@@ -125,12 +133,14 @@ class Repair:
                              "for this model")
 
     def overrides(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Model tensor name -> the value it takes under this repair (scales folded into ``down_proj``)."""
+        """Model tensor name -> the value it takes under this repair (scales and low-rank updates merged into
+        ``down_proj``)."""
         named = dict(model.named_parameters()) | dict(model.named_buffers())
         out: dict[str, torch.Tensor] = {}
+        for experts, parts in folded_parts(self.tensors).items():
+            out.update(fold_down(named, experts, parts.get(SCALE), lowrank_delta(parts), self.storage_dtype))
         for name, value in self.tensors.items():
-            if name.endswith("." + SCALE):
-                out.update(fold_scale(named, name[:-len(SCALE) - 1], value, self.storage_dtype))
+            if folded_leaf(name):
                 continue
             if name not in named:
                 raise EvoreapError(f"the repair names {name}, which this model does not have")
@@ -141,20 +151,86 @@ class Repair:
         return out
 
 
-def fold_scale(named: dict[str, torch.Tensor], experts: str, scale: torch.Tensor, dtype: torch.dtype
-               ) -> dict[str, torch.Tensor]:
-    """``down_proj`` (and ``down_proj_bias``) of the experts module ``experts`` with each expert's rows multiplied
-    by its scale, rounded to the storage ``dtype`` as an export writes them."""
+def folded_leaf(name: str) -> str | None:
+    """Which of :data:`FOLDED` the repair tensor ``name`` is (None for a plain model tensor)."""
+    leaf = name.rpartition(".")[2]
+    return leaf if leaf in FOLDED else None
+
+
+def folded_parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Experts module -> {leaf of :data:`FOLDED`: value} for the folded tensors among ``tensors``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        leaf = folded_leaf(name)
+        if leaf is not None:
+            out.setdefault(name.rpartition(".")[0], {})[leaf] = value
+    return out
+
+
+def lowrank_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``B @ A`` ``[E, D0, D1]`` float32 of one experts module's factors (None without them). Computed once for all
+    experts and sliced by its users, so that the fit, evaluate and an export merge bit-identical values."""
+    a, b = parts.get(LOWRANK_A), parts.get(LOWRANK_B)
+    if a is None and b is None:
+        return None
+    if a is None or b is None or a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or b.shape[2] != a.shape[1]:
+        raise EvoreapError("the repair's low-rank factors of one experts module are missing or do not fit together "
+                           f"({None if b is None else list(b.shape)} @ {None if a is None else list(a.shape)})")
+    return torch.bmm(b.float(), a.float())
+
+
+def merge_down(t: torch.Tensor, scale: torch.Tensor | None, delta: torch.Tensor | None, dtype: torch.dtype
+               ) -> torch.Tensor:
+    """``(t + delta) * scale`` rounded to the storage ``dtype`` (then back to ``t``'s dtype): one expert's (or a
+    stack of experts') down projection, or its bias with ``delta`` None. ``scale`` holds one value per leading row
+    of ``t`` (or one value for a single expert's tensor)."""
+    out = t.float()
+    if delta is not None:
+        if tuple(delta.shape) != tuple(t.shape):
+            raise EvoreapError(f"a low-rank update is {list(delta.shape)} but the down projection it merges into is "
+                               f"{list(t.shape)}; is it the model the repair was fitted to?")
+        out = out + delta.to(out.device)
+    if scale is not None:
+        s = scale.to(out.device, torch.float32)
+        out = out * (s.view(-1, *([1] * (t.dim() - 1))) if t.dim() and s.numel() > 1 else s.reshape(()))
+    return out.to(dtype).to(t.dtype)
+
+
+def fold_down(named: dict[str, torch.Tensor], experts: str, scale: torch.Tensor | None, delta: torch.Tensor | None,
+              dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``down_proj`` (and ``down_proj_bias``) of the experts module ``experts`` with the low-rank update added and
+    each expert's rows multiplied by its scale, rounded to the storage ``dtype`` as an export writes them."""
     out = {}
     for leaf in ("down_proj", "down_proj_bias"):
         t = named.get(f"{experts}.{leaf}")
         if t is None:
             if leaf == "down_proj":
-                raise EvoreapError(f"the repair scales the experts {experts}, which have no down_proj")
+                raise EvoreapError(f"the repair changes the experts {experts}, which have no down_proj")
             continue
-        s = scale.to(t.device, torch.float32).view(-1, *([1] * (t.dim() - 1)))
-        out[f"{experts}.{leaf}"] = (t.float() * s).to(dtype).to(t.dtype)
+        d = delta if leaf == "down_proj" else None
+        if scale is None and d is None:
+            continue
+        out[f"{experts}.{leaf}"] = merge_down(t, scale, None if d is None else d.to(t.device), dtype)
     return out
+
+
+def fold_scale(named: dict[str, torch.Tensor], experts: str, scale: torch.Tensor, dtype: torch.dtype
+               ) -> dict[str, torch.Tensor]:
+    """``down_proj`` (and ``down_proj_bias``) of the experts module ``experts`` with each expert's rows multiplied
+    by its scale, rounded to the storage ``dtype`` as an export writes them."""
+    return fold_down(named, experts, scale, None, dtype)
+
+
+def refuse_quantized_lowrank(src: str | Path | None, params: str | None = None) -> None:
+    """A low-rank update must be merged into full-precision expert weights; a quantized source keeps its format on
+    export (requantizing a merged weight would not give back the repaired model's values), so refuse it."""
+    if src is None or (params is not None and "lowrank" not in params):
+        return
+    label = quantization_config(read_raw_config(src) or {})
+    if label is not None:
+        raise UsageError(f"the low-rank repair changes expert weights, which {src} stores quantized "
+                         f"({label.get('quant_method', 'quantized')}); use --params router+norm+scale (or a "
+                         "full-precision copy of the model)")
 
 
 def _meta_problem(meta: Any, tensors: dict[str, torch.Tensor]) -> str | None:
@@ -262,34 +338,44 @@ def export_edits(repair: Repair, src: str | Path, adapter: MoEAdapter, kept: dic
         return None
 
     edits: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    groups = folded_parts(repair.tensors)
+    if any(LOWRANK_A in parts for parts in groups.values()):
+        refuse_quantized_lowrank(src)
+    for experts, parts in groups.items():
+        rows = rows_of.get(layer_of(experts), list(range(e)))
+        scale = parts[SCALE].float() if SCALE in parts else None
+        delta = lowrank_delta(parts)
+        for leaf in ("down_proj", "down_proj_bias"):
+            d = delta if leaf == "down_proj" else None
+            if scale is None and d is None:
+                continue
+            param = f"{experts}.{leaf}"
+            pieces = layout.per_expert_parts(param, e) if leaf == "down_proj" else None
+            if pieces:  # stored one tensor per expert (the model's down_proj[j] as it is on disk): edit each
+                for j in rows:
+                    for piece in pieces[j]:
+                        edits[find(piece)] = _merged(None if scale is None else scale[j:j + 1],
+                                                     None if d is None else d[j], dtype)
+                continue
+            if leaf == "down_proj_bias" and not any(c in index for c in layout.candidates(param)):
+                continue
+            edits[find(param)] = _merged(None if scale is None else scale[rows], None if d is None else d[rows],
+                                         dtype)
     for name, value in repair.tensors.items():
+        if folded_leaf(name):
+            continue
         layer = layer_of(name)
         rows = rows_of.get(layer, list(range(e)))
-        if name.endswith("." + SCALE):
-            experts = name[:-len(SCALE) - 1]
-            scale = value.float()
-            for leaf in ("down_proj", "down_proj_bias"):
-                param = f"{experts}.{leaf}"
-                parts = layout.per_expert_parts(param, e) if leaf == "down_proj" else None
-                if parts:  # stored one tensor per expert: scale each kept expert's own tensor
-                    for j in rows:
-                        for piece in parts[j]:
-                            edits[find(piece)] = _scaled(scale[j:j + 1], dtype)
-                    continue
-                if leaf == "down_proj_bias" and not any(c in index for c in layout.candidates(param)):
-                    continue
-                edits[find(param)] = _scaled(scale[rows], dtype)
-            continue
         src_name = find(name)
         is_router = (key := layout.parse(src_name)) is not None and key.is_router
         edits[src_name] = _replace(value[rows] if is_router and value.dim() and value.shape[0] == e else value)
     return edits
 
 
-def _scaled(scale: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def _merged(scale: torch.Tensor | None, delta: torch.Tensor | None, dtype: torch.dtype
+            ) -> Callable[[torch.Tensor], torch.Tensor]:
     def edit(t: torch.Tensor) -> torch.Tensor:
-        s = scale.view(-1, *([1] * (t.dim() - 1))) if t.dim() and scale.numel() > 1 else scale.reshape(())
-        return (t.float() * s).to(dtype).to(t.dtype)
+        return merge_down(t, scale, delta, dtype)
 
     return edit
 

@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import optuna
@@ -31,7 +31,8 @@ from optuna.trial import TrialState
 
 from evoreap.search import evolution
 from evoreap.search.space import SearchSpace
-from evoreap.search.storage import claim_trial, enqueue, fail_dead_trials, heartbeat, pop_waiting, trials_by_key
+from evoreap.search.storage import (ENQUEUING_ATTR, Worker, claim_trial, enqueue_stage, fail_dead_trials, heartbeat,
+                                    live_workers, pop_waiting, present, stage_incomplete, trials_by_key)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ TokenProgress = Callable[[int, int], None]
 # A stage scorer scores a group of (allocation, tokens) requests at once (sharing work between them) and returns one
 # (value, attrs) per request, in order; it reports progress through the callback when one is given.
 StageScorer = Callable[[list[tuple[Alloc, int]], TokenProgress | None], list[tuple[float, dict[str, Any]]]]
+# How many queued trials one process takes at a time: all of them (None), at most N, or "live": its share of the
+# stage among the live workers (see :func:`share_size`).
+Group = int | Literal["live"] | None
+LIVE: Literal["live"] = "live"
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,15 @@ def distributions(space: SearchSpace) -> dict[str, optuna.distributions.IntDistr
             for layer, lo, hi in zip(space.layers, space.lower, space.upper)}
 
 
-def score_trial(study: optuna.Study, trial: optuna.trial.Trial, space: SearchSpace, scorer: Scorer) -> float:
+def score_trial(study: optuna.Study, trial: optuna.trial.Trial, space: SearchSpace, scorer: Scorer,
+                me: Worker | None = None) -> float:
     """Score one popped trial (its params were fixed when it was enqueued) and tell Optuna the result."""
     try:
         counts = tuple(trial.suggest_int(f"k{layer}", lo, hi, step=space.step)
                        for layer, lo, hi in zip(space.layers, space.lower, space.upper))
         tokens = int(trial.user_attrs["tokens"])
         trial.set_constraint("budget", float(space.routed_params(counts) - space.budget.params))
-        with heartbeat(study, trial._trial_id):  # so that a leader can tell this trial from a dead one
+        with heartbeat(study, trial._trial_id, me):  # so that a leader can tell this trial from a dead one
             value, attrs = scorer(counts, tokens)
     except BaseException:
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -125,7 +131,8 @@ def _counts_of(trial: optuna.trial.Trial, space: SearchSpace) -> Alloc:
 
 
 def score_group(study: optuna.Study, trials: list[optuna.trial.Trial], space: SearchSpace,
-                stage_scorer: StageScorer, progress: TokenProgress | None = None) -> list[float]:
+                stage_scorer: StageScorer, progress: TokenProgress | None = None, me: Worker | None = None
+                ) -> list[float]:
     """Score popped trials together (one call of ``stage_scorer``, which shares work between them) and tell Optuna
     each result; if scoring fails, every trial of the group is failed (and asked for again by the leader)."""
     told: set[int] = set()
@@ -137,7 +144,7 @@ def score_group(study: optuna.Study, trials: list[optuna.trial.Trial], space: Se
             requests.append((counts, int(trial.user_attrs["tokens"])))
         with contextlib.ExitStack() as beats:
             for trial in trials:  # so that a leader can tell these trials from dead ones
-                beats.enter_context(heartbeat(study, trial._trial_id))
+                beats.enter_context(heartbeat(study, trial._trial_id, me))
             results = stage_scorer(requests, progress)
         values = []
         for trial, (value, attrs) in zip(trials, results):
@@ -157,17 +164,23 @@ def score_group(study: optuna.Study, trials: list[optuna.trial.Trial], space: Se
         raise
 
 
-def pop_group(study: optuna.Study, limit: int | None = None, space: SearchSpace | None = None
-              ) -> list[optuna.trial.Trial]:
-    """Take up to ``limit`` (default: all) WAITING trials, each atomically as :func:`pop_waiting` does.
+def pop_group(study: optuna.Study, limit: Group = None, space: SearchSpace | None = None,
+              me: Worker | None = None) -> list[optuna.trial.Trial]:
+    """Take up to ``limit`` WAITING trials (None: all; ``"live"``: this worker's share, :func:`share_size`), each
+    atomically as :func:`pop_waiting` does, for worker ``me`` (default: this process).
 
     With ``space``, a share that shares prefixes: the waiting trials in prefix-tree order (by tokens, then keep
     counts layer by layer, so trials that agree on layers 0..l are adjacent) and this process takes the first run
     of up to ``limit`` that no other process has taken; a population engine computes their common layers once.
     Another worker reading the same queue takes the next run."""
+    if limit == LIVE:
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        if stage_incomplete(study, me, attrs):  # the stage is being queued: wait for all of it
+            return []
+        limit = share_size(study, me, attrs)
     if space is None:
         group: list[optuna.trial.Trial] = []
-        while (limit is None or len(group) < limit) and (trial := pop_waiting(study)) is not None:
+        while (limit is None or len(group) < limit) and (trial := pop_waiting(study, me)) is not None:
             group.append(trial)
         return group
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -176,9 +189,19 @@ def pop_group(study: optuna.Study, limit: int | None = None, space: SearchSpace 
     for t in waiting:
         if limit is not None and len(group) >= limit:
             break
-        if (trial := claim_trial(study, t)) is not None:
+        if (trial := claim_trial(study, t, me)) is not None:
             group.append(trial)
     return group
+
+
+def share_size(study: optuna.Study, me: Worker | None = None, attrs: dict[str, Any] | None = None) -> int:
+    """This worker's share of the stage now queued: ceil(unfinished trials / live workers), where unfinished counts
+    the waiting trials and those being scored, and the live workers are those whose beat in the study is fresh
+    (:func:`evoreap.search.storage.live_workers`, this one included). Counting the trials in hand too gives workers
+    that arrive together equal shares (12 trials, 3 workers: 4, 4, 4, not 4, 3, 2 and the rest), and a worker that
+    finishes early takes a fair part of what is still waiting."""
+    unfinished = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+    return max(1, -(-unfinished // len(live_workers(study, me, attrs))))
 
 
 def prefix_key(trial: optuna.trial.FrozenTrial, space: SearchSpace) -> tuple[int, tuple[int, ...]]:
@@ -189,17 +212,18 @@ def prefix_key(trial: optuna.trial.FrozenTrial, space: SearchSpace) -> tuple[int
 
 
 def work_queue(study: optuna.Study, space: SearchSpace, scorer: Scorer, stage_scorer: StageScorer | None = None,
-               group: int | None = None, progress: TokenProgress | None = None) -> int:
+               group: Group = None, progress: TokenProgress | None = None, me: Worker | None = None) -> int:
     """Score WAITING trials until the queue is empty; returns how many this process scored. With a
-    ``stage_scorer``, up to ``group`` trials at a time (default: every waiting trial) are scored together."""
+    ``stage_scorer``, up to ``group`` trials at a time (default: every waiting trial; ``"live"``: this worker's
+    share among the live workers, sized anew for each share) are scored together."""
     done = 0
     if stage_scorer is None:
-        while (trial := pop_waiting(study)) is not None:
-            score_trial(study, trial, space, scorer)
+        while (trial := pop_waiting(study, me)) is not None:
+            score_trial(study, trial, space, scorer, me)
             done += 1
         return done
-    while trials := pop_group(study, group, space):
-        score_group(study, trials, space, stage_scorer, progress)
+    while trials := pop_group(study, group, space, me):
+        score_group(study, trials, space, stage_scorer, progress, me)
         done += len(trials)
     return done
 
@@ -210,16 +234,18 @@ class Leader:
     def __init__(self, study: optuna.Study, space: SearchSpace, scorer: Scorer, settings: EvolutionSettings,
                  curves: list[list[float]] | None, limits: SearchLimits | None = None, poll: float = 0.2,
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 stage_scorer: StageScorer | None = None, group: int | None = None,
+                 stage_scorer: StageScorer | None = None, group: Group = None,
                  on_stage: Callable[[dict[str, Any]], None] | None = None,
                  extra_seeds: dict[str, Alloc] | None = None,
-                 on_elites: Callable[[list[Alloc]], None] | None = None):
+                 on_elites: Callable[[list[Alloc]], None] | None = None, me: Worker | None = None):
         """``on_progress`` is called after each generation; ``on_stage`` while a stage is scored (``generation``,
         ``stage``, ``candidates``, ``tokens_done``/``tokens_total`` of the trials this process scores) and when it
         ends; ``stage_scorer`` scores up to ``group`` queued trials at a time together (see :func:`work_queue`);
         ``on_elites`` is told the elites whenever they are chosen (a population engine keeps their hidden states,
-        from which the next children start)."""
+        from which the next children start); ``me`` is this process as a worker (its id, beats, timeout and clock:
+        :class:`evoreap.search.storage.Worker`), announced in the study while :meth:`run` runs."""
         self.study, self.space, self.scorer, self.s = study, space, scorer, settings
+        self.me = me or Worker()
         self.curves, self.limits, self.poll = curves, limits or SearchLimits(), poll
         self.on_progress, self.on_stage, self.on_elites = on_progress, on_stage, on_elites
         self.stage_scorer, self.group = stage_scorer, group
@@ -239,10 +265,12 @@ class Leader:
         # would enqueue a duplicate).
         pending = trials_by_key(self.study, (TrialState.WAITING, TrialState.RUNNING))
         done = trials_by_key(self.study, (TrialState.COMPLETE,))
+        stage_trials = []
         for (counts, tokens, attrs), key in zip(requests, keys):
             if key not in done and key not in pending:
-                enqueue(self.study, params_of(self.space, counts), {**attrs, "key": key, "tokens": tokens})
+                stage_trials.append((params_of(self.space, counts), {**attrs, "key": key, "tokens": tokens}))
                 pending[key] = None
+        enqueue_stage(self.study, stage_trials, self.me)  # as one, so that workers size their shares from all of it
         stage = {k: requests[0][2].get(k) for k in ("generation", "stage")} if requests else {}
         stage["candidates"] = len(requests)
         asked = sum(n for _, n, _ in requests)
@@ -262,19 +290,21 @@ class Leader:
             return out
 
         while True:
-            work_queue(self.study, self.space, scorer, self.stage_scorer, self.group, report)
+            work_queue(self.study, self.space, scorer, self.stage_scorer, self.group, report, self.me)
             done = trials_by_key(self.study, (TrialState.COMPLETE,))
             missing = [i for i, k in enumerate(keys) if k not in done]
             if not missing:
                 break
-            fail_dead_trials(self.study)
+            fail_dead_trials(self.study, self.me)
             alive = trials_by_key(self.study, (TrialState.WAITING, TrialState.RUNNING))
             done = trials_by_key(self.study, (TrialState.COMPLETE,))  # after `alive`, as above
+            again = []
             for i in missing:  # a failed trial (dead worker, crash) is asked for again
                 if keys[i] not in alive and keys[i] not in done:
                     counts, tokens, attrs = requests[i]
                     log.warning("re-queueing %s after a failed trial", keys[i])
-                    enqueue(self.study, params_of(self.space, counts), {**attrs, "key": keys[i], "tokens": tokens})
+                    again.append((params_of(self.space, counts), {**attrs, "key": keys[i], "tokens": tokens}))
+            enqueue_stage(self.study, again, self.me)
             time.sleep(self.poll)
         values = [float(done[k].value) for k in keys]
         if self.on_stage:
@@ -291,6 +321,12 @@ class Leader:
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        with present(self.study, self.me):  # the leader scores too: workers count it when they size their shares
+            # a stage this leader's id was enqueuing when it was killed (a restart with the same pid) is not pending
+            self.study._storage.set_study_system_attr(self.study._study_id, ENQUEUING_ATTR, None)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         s, space = self.s, self.space
         top = s.fidelities[-1]
         seeds: dict[str, Alloc] = {"uniform": space.uniform}

@@ -10,6 +10,14 @@ A trial being scored also beats: Optuna's own heartbeat on RDB storages (SQLite,
 ``evoreap:beat`` system attr (wall-clock seconds) on storages without one (journal files). A trial whose beat is
 older than the grace period is failed by the leader even when its owner ran on another machine; the leader then
 asks for it again.
+
+Every process that scores (the leader and each worker, on any machine) also announces itself in the study: a study
+system attr ``evoreap:worker:<host:pid>`` holding its last beat, renewed every ``HEARTBEAT_INTERVAL`` seconds and
+cleared when it stops (:func:`present`). This is the live-worker count a process sizes its share of a stage from
+(:func:`live_workers`), kept in the storage itself (journal and RDB alike: no service besides it), and a worker whose
+beat is older than the timeout is neither counted nor trusted with its trials: the leader fails them and asks for them
+again, once. Beats are wall-clock seconds compared across machines, so their clocks must agree to well within the
+timeout (NTP).
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +45,88 @@ from evoreap.files import real
 
 OWNER_ATTR = "evoreap:owner"
 BEAT_ATTR = "evoreap:beat"
-HEARTBEAT_INTERVAL = 15  # seconds between beats of a running trial
-GRACE_PERIOD = 60  # a running trial whose last beat is older than this is taken for dead
+WORKER_ATTR = "evoreap:worker:"  # + worker id: a study system attr with the worker's last beat (None: it stopped)
+ENQUEUING_ATTR = "evoreap:enqueuing"  # the id of the worker enqueuing a stage right now (None: none is)
+HEARTBEAT_INTERVAL = 15  # seconds between beats of a running trial and of a worker
+GRACE_PERIOD = 60  # a running trial or a worker whose last beat is older than this is taken for dead
 
 
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A process that scores trials, as the study sees it: its id (``host:pid``, the owner of the trials it takes),
+    the seconds between its beats, the seconds of silence after which a worker or a trial is taken for dead, and the
+    clock beats are read from (wall-clock seconds; tests pass their own)."""
+
+    id: str = field(default_factory=owner_id)
+    interval: float = HEARTBEAT_INTERVAL
+    timeout: float = GRACE_PERIOD
+    clock: Callable[[], float] = time.time
+
+
+def announce(study: optuna.Study, me: Worker, alive: bool = True) -> None:
+    """One beat of worker ``me`` in the study (``alive=False``: it stops, and is no longer counted at once)."""
+    study._storage.set_study_system_attr(study._study_id, WORKER_ATTR + me.id, me.clock() if alive else None)
+
+
+def worker_beats(study: optuna.Study, attrs: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """Every worker that ever announced itself in the study (or in the study's system ``attrs``, read already): its
+    last beat, None if it stopped."""
+    if attrs is None:
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+    return {k.removeprefix(WORKER_ATTR): v if isinstance(v, (int, float)) else None
+            for k, v in attrs.items() if k.startswith(WORKER_ATTR)}
+
+
+def _fresh(beat: float | None, now: float, timeout: float) -> bool:
+    return beat is not None and now - beat <= timeout
+
+
+def live_workers(study: optuna.Study, me: Worker | None = None, attrs: dict[str, Any] | None = None) -> list[str]:
+    """The workers whose last beat is at most ``me.timeout`` old by ``me.clock``, always including ``me`` itself (it
+    is asking, so it is alive), sorted."""
+    me = me or Worker()
+    now = me.clock()
+    return sorted({w for w, beat in worker_beats(study, attrs).items() if _fresh(beat, now, me.timeout)} | {me.id})
+
+
+def stage_incomplete(study: optuna.Study, me: Worker | None = None, attrs: dict[str, Any] | None = None) -> bool:
+    """Whether another live worker is still enqueuing a stage (:func:`enqueue_stage`): a share sized now would be a
+    share of the trials queued so far, not of the stage."""
+    me = me or Worker()
+    if attrs is None:
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+    by = attrs.get(ENQUEUING_ATTR)
+    return isinstance(by, str) and by != me.id and by in live_workers(study, me, attrs)
+
+
+@contextlib.contextmanager
+def present(study: optuna.Study, me: Worker | None = None) -> Iterator[Worker]:
+    """Announce ``me`` in the study and beat every ``me.interval`` seconds (a daemon thread) while the body runs;
+    on leaving, clear the beat so that the others stop counting this worker at once."""
+    me = me or Worker()
+    announce(study, me)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(me.interval):
+            try:
+                announce(study, me)
+            except Exception:  # a storage hiccup must not kill the worker; the next beat tries again
+                pass
+
+    thread = threading.Thread(target=loop, name="evoreap-worker-beat", daemon=True)
+    thread.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):  # unreachable storage: the beat then simply grows old
+            announce(study, me, alive=False)
 
 
 @dataclass(frozen=True)
@@ -259,29 +343,31 @@ def _claim_lock(storage: optuna.storages.BaseStorage) -> contextlib.AbstractCont
     return filelock.FileLock(path + ".claim.lock", timeout=600) if path else contextlib.nullcontext()
 
 
-def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
+def pop_waiting(study: optuna.Study, me: Worker | None = None) -> optuna.trial.Trial | None:
     """Take one WAITING (enqueued) trial, atomically across processes; None when there is none.
 
     Unlike ``study.ask()`` this never creates a fresh trial from the sampler when the queue is empty.
     """
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if (trial := claim_trial(study, t)) is not None:
+        if (trial := claim_trial(study, t, me)) is not None:
             return trial
     return None
 
 
-def claim_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> optuna.trial.Trial | None:
-    """Take the trial ``t`` (seen WAITING) for this process, atomically across processes; None if another process
-    took it first."""
+def claim_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, me: Worker | None = None
+                ) -> optuna.trial.Trial | None:
+    """Take the trial ``t`` (seen WAITING) for worker ``me`` (default: this process), atomically across processes;
+    None if another process took it first."""
+    me = me or Worker()
     storage = study._storage
     try:
         with _claim_lock(storage):
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 return None
-        storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, owner_id())
+        storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, me.id)
     except optuna.exceptions.UpdateFinishedTrialError:  # taken and finished (or failed) by someone else
         return None
-    _beat(storage, t._trial_id)
+    _beat(storage, t._trial_id, me.clock)
     return optuna.trial.Trial(study, t._trial_id)
 
 
@@ -291,26 +377,27 @@ def _native_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
     return is_heartbeat_enabled(storage)
 
 
-def _beat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+def _beat(storage: optuna.storages.BaseStorage, trial_id: int, clock: Callable[[], float] = time.time) -> None:
     """One beat of a running trial; a trial finished meanwhile (told, or failed by a leader) is left alone."""
     try:
         if _native_heartbeat(storage):
             storage.record_heartbeat(trial_id)
         else:
-            storage.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
+            storage.set_trial_system_attr(trial_id, BEAT_ATTR, clock())
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
 
 
 @contextlib.contextmanager
-def heartbeat(study: optuna.Study, trial_id: int) -> Iterator[None]:
-    """Beat for ``trial_id`` every ``HEARTBEAT_INTERVAL`` seconds while the body runs (a daemon thread)."""
+def heartbeat(study: optuna.Study, trial_id: int, me: Worker | None = None) -> Iterator[None]:
+    """Beat for ``trial_id`` every ``me.interval`` seconds while the body runs (a daemon thread)."""
+    me = me or Worker()
     stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL):
+        while not stop.wait(me.interval):
             try:
-                _beat(study._storage, trial_id)
+                _beat(study._storage, trial_id, me.clock)
             except Exception:  # a storage hiccup must not kill the scoring; the next beat tries again
                 pass
 
@@ -323,18 +410,21 @@ def heartbeat(study: optuna.Study, trial_id: int) -> Iterator[None]:
         thread.join()
 
 
-def fail_dead_trials(study: optuna.Study) -> int:
+def fail_dead_trials(study: optuna.Study, me: Worker | None = None) -> int:
     """Fail RUNNING trials that nobody is scoring any more; returns how many were failed.
 
-    Call it only from a process that holds no trial (the leader between rounds). A trial is dead when its owner
-    is a process on this host that is gone, or this very process (a restarted leader that got the same pid, as in
-    containers), or when its beat is older than ``GRACE_PERIOD`` seconds (any host: Optuna's heartbeat on RDB storages,
-    the ``evoreap:beat`` attr elsewhere).
+    Call it only from a process that holds no trial (the leader between rounds; it alone asks for failed trials
+    again, so each is asked for once). A trial is dead when its owner is a process on this host that is gone, or
+    this very process (a restarted leader that got the same pid, as in containers), or a worker whose announced beat
+    (:func:`present`) is older than ``me.timeout`` seconds or that stopped, or when the trial's own beat is older than
+    that (any host: Optuna's heartbeat on RDB storages, the ``evoreap:beat`` attr elsewhere).
     """
-    host, me = socket.gethostname(), owner_id()
+    me = me or Worker()
+    host = socket.gethostname()
     storage = study._storage
     native = _native_heartbeat(storage)
-    now = time.time()
+    now = me.clock()
+    workers = worker_beats(study)
     dead = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER_ATTR, "")
@@ -342,9 +432,11 @@ def fail_dead_trials(study: optuna.Study) -> int:
         beat = t.system_attrs.get(BEAT_ATTR)
         started = t.datetime_start.timestamp() if t.datetime_start else None
         last = beat if isinstance(beat, (int, float)) else started  # killed before its first beat: its start
-        if owner == me or (h == host and pid.isdigit() and not _alive(int(pid))):
+        if owner == me.id or (h == host and pid.isdigit() and not _alive(int(pid))):
             dead.append(t._trial_id)
-        elif (not owner or not native) and last is not None and now - last > GRACE_PERIOD:
+        elif owner in workers and not _fresh(workers[owner], now, me.timeout):
+            dead.append(t._trial_id)  # its worker went silent (killed, machine down) with a share in hand
+        elif (not owner or not native) and last is not None and now - last > me.timeout:
             dead.append(t._trial_id)  # (not owner: killed between claiming the trial and signing it)
     failed = 0
     for trial_id in dead:
@@ -381,3 +473,20 @@ def _alive(pid: int) -> bool:
 
 def enqueue(study: optuna.Study, params: dict[str, int], attrs: dict[str, Any]) -> None:
     study.enqueue_trial(params, user_attrs=attrs)
+
+
+def enqueue_stage(study: optuna.Study, trials: list[tuple[dict[str, int], dict[str, Any]]],
+                  me: Worker | None = None) -> None:
+    """Enqueue a stage's ``(params, attrs)`` trials as one: Optuna enqueues one trial at a time, and a worker polling
+    meanwhile would size its share from the first few (a share of 1 where 12 were coming, and no shared prefixes);
+    workers that share by :func:`stage_incomplete` wait until the last one is queued. A leader killed midway leaves
+    its id there, which counts only as long as its beat is fresh."""
+    if not trials:
+        return
+    me = me or Worker()
+    study._storage.set_study_system_attr(study._study_id, ENQUEUING_ATTR, me.id)
+    try:
+        for params, attrs in trials:
+            enqueue(study, params, attrs)
+    finally:
+        study._storage.set_study_system_attr(study._study_id, ENQUEUING_ATTR, None)
