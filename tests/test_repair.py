@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from evoreap.adapters import MoEAdapter
 from evoreap.allocation import Allocation, select_experts
 from evoreap.data import TokenData
-from evoreap.errors import SettingError, UsageError
+from evoreap.errors import EvoreapError, SettingError, UsageError
 from evoreap.export import export_pruned
 from evoreap.masking import masked
 from evoreap.proxies import evaluate
@@ -175,6 +175,15 @@ def test_uniform_export_with_repair_loads_in_stock_transformers_with_the_repaire
     assert (got - want).abs().max() <= 1e-5
     assert (unrepaired - want).abs().max() > 1e-3  # the repair is really in the export
     assert set(loaded.state_dict()) == set(plain.state_dict())  # a plain checkpoint: nothing added
+    for leaves in (("down_proj_lowrank_b", "down_proj_lowrank_a"), ("output_scale",)):
+        # a damaged file whose factors (or scales) are for one expert too few: one clear error, not an IndexError
+        names = [k for k in rep.tensors if k.endswith(leaves)]
+        if names:
+            experts = names[0].rpartition(".")[0]
+            cut = {k: (v[:-1] if k.rpartition(".")[0] == experts and k.endswith(leaves) else v)
+                   for k, v in rep.tensors.items()}
+            with pytest.raises(EvoreapError, match="but the model has"):
+                export_edits(Repair(cut, rep.meta), src, adapter, kept)
 
 
 def test_repair_refuses_other_experts_or_weights():

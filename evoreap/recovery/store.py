@@ -345,6 +345,10 @@ def export_edits(repair: Repair, src: str | Path, adapter: MoEAdapter, kept: dic
         rows = rows_of.get(layer_of(experts), list(range(e)))
         scale = parts[SCALE].float() if SCALE in parts else None
         delta = lowrank_delta(parts)
+        for what, t in (("output scales", scale), ("low-rank factors", delta)):
+            if t is not None and (t.dim() == 0 or t.shape[0] != e):  # a damaged file: one line, not an IndexError
+                raise EvoreapError(f"the repair's {what} of {experts} are for {t.shape[0] if t.dim() else 1} "
+                                   f"experts, but the model has {e}; is it the model the repair was fitted to?")
         for leaf in ("down_proj", "down_proj_bias"):
             d = delta if leaf == "down_proj" else None
             if scale is None and d is None:
