@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -98,6 +99,24 @@ def write_checkpoint(path: Path, layers: int) -> int:
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
     return total
+
+
+def checkpoints(sizes: str, parent: str | None) -> Iterator[tuple[Path, int, int]]:
+    """A generated checkpoint per size (GB on disk, comma-separated ``sizes``) in a temporary directory under
+    ``parent`` (default /tmp): yields ``(path, layers, bytes)``, each deleted once the caller moves on to the next,
+    the directory at the end."""
+    root = Path(tempfile.mkdtemp(prefix="evoreap-bench-streamed-", dir=parent or "/tmp"))
+    try:
+        for gb in (float(x) for x in sizes.split(",")):
+            layers = max(1, round((gb * 1e9 - OUTER) / PER_LAYER))
+            path = root / f"qwen3-moe-{gb:g}gb"
+            t0 = time.perf_counter()
+            size = write_checkpoint(path, layers)
+            print(f"wrote {path} ({size / 1e9:.2f} GB, {layers} layers) in {time.perf_counter() - t0:.0f}s", flush=True)
+            yield path, layers, size
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def stage_inputs(layers: int, tokens: int, candidates: int, seq_len: int = 256):
@@ -268,34 +287,23 @@ def main() -> None:
     if args.search:
         search_main(args)
         return
-    per_layer, outer = PER_LAYER, OUTER
-    root = Path(tempfile.mkdtemp(prefix="evoreap-bench-streamed-", dir=args.dir or "/tmp"))
     rows = []
-    try:
-        for gb in (float(s) for s in args.sizes.split(",")):
-            layers = max(1, round((gb * 1e9 - outer) / per_layer))
-            path = root / f"qwen3-moe-{gb:g}gb"
-            t0 = time.perf_counter()
-            size = write_checkpoint(path, layers)
-            print(f"wrote {path} ({size / 1e9:.2f} GB, {layers} layers) in {time.perf_counter() - t0:.0f}s", flush=True)
-            s = measure("streamed", path, layers, args)
-            print(f"  streamed: {json.dumps(s)}", flush=True)
-            r = None
-            if 2 * size / 1e9 <= args.resident_max_gb:
-                r = measure("resident", path, layers, args)
-                print(f"  in memory: {json.dumps(r)}", flush=True)
-                diff = max(abs(a - b) for a, b in zip(s["nll"], r["nll"]))
-                print(f"  max |nll streamed - nll in memory| = {diff:.2e}", flush=True)
-            rows.append((gb, size, layers, s, r))
-            shutil.rmtree(path)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    for path, layers, size in checkpoints(args.sizes, args.dir):
+        s = measure("streamed", path, layers, args)
+        print(f"  streamed: {json.dumps(s)}", flush=True)
+        r = None
+        if 2 * size / 1e9 <= args.resident_max_gb:
+            r = measure("resident", path, layers, args)
+            print(f"  in memory: {json.dumps(r)}", flush=True)
+            diff = max(abs(a - b) for a, b in zip(s["nll"], r["nll"]))
+            print(f"  max |nll streamed - nll in memory| = {diff:.2e}", flush=True)
+        rows.append((size, layers, s, r))
     print()
     print(f"one stage: {args.candidates} candidates (no shared prefix) x {rows[0][3]['tokens']:,} scored tokens, nll; "
           f"streamed with --max-memory 2 (hidden states <= {args.state_gb:g} GB in memory)")
     print(f"{'checkpoint':>12s} {'layers':>6s} | {'streamed RSS':>12s} {'stage':>8s} | {'in-mem RSS':>10s} "
           f"{'load':>7s} {'stage':>8s} | {'RSS ratio':>9s} {'stage ratio':>11s}")
-    for gb, size, layers, s, r in rows:
+    for size, layers, s, r in rows:
         left = f"{size / 1e9:9.2f} GB {layers:6d} | {s['rss_gb']:9.2f} GB {s['stage_s']:7.0f}s |"
         if r is None:
             print(left + f" {'(does not fit)':>27s} |")
@@ -305,42 +313,33 @@ def main() -> None:
 
 
 def search_main(args: argparse.Namespace) -> None:
-    root = Path(tempfile.mkdtemp(prefix="evoreap-bench-streamed-", dir=args.dir or "/tmp"))
-    try:
-        for gb in (float(s) for s in args.sizes.split(",")):
-            layers = max(1, round((gb * 1e9 - OUTER) / PER_LAYER))
-            path = root / f"qwen3-moe-{gb:g}gb"
-            size = write_checkpoint(path, layers)
-            print(f"wrote {path} ({size / 1e9:.2f} GB, {layers} layers)", flush=True)
-            engines = ("search-none", "search-reuse")
-            if args.parallel:  # side by side, so that both see the same load on a shared machine
-                from concurrent.futures import ThreadPoolExecutor
+    for path, layers, size in checkpoints(args.sizes, args.dir):
+        engines = ("search-none", "search-reuse")
+        if args.parallel:  # side by side, so that both see the same load on a shared machine
+            from concurrent.futures import ThreadPoolExecutor
 
-                with ThreadPoolExecutor(2) as pool:
-                    runs = dict(zip(engines, pool.map(lambda e: measure(e, path, layers, args), engines)))
-            else:
-                runs = {e: measure(e, path, layers, args) for e in engines}
-            for engine in engines:
-                print(f"  {engine}: {json.dumps(runs[engine])}", flush=True)
-            a, b = runs["search-none"], runs["search-reuse"]
-            diff = max(abs(x - y) for x, y in zip(a["nll"], b["nll"]))
-            print(f"\n{size / 1e9:.2f} GB, {layers} layers; {args.candidates} children per generation, "
-                  f"{args.generations} generations; same best: {a['best'] == b['best']}, "
-                  f"max |nll difference| = {diff:.1e}")
-            print(f"{'stage':>34s} | {'without reuse: work':>19s} {'time':>6s} | {'with reuse: work':>16s} "
-                  f"{'layers read':>11s} {'time':>6s}")
-            for x, y in zip(a["stages"], b["stages"]):
-                print(f"{x['stage']:>34s} | {x['computed'] / x['naive']:19.3f} {x['s']:5.0f}s | "
-                      f"{y['computed'] / y['naive']:16.3f} {y['layers_read']:5d}/{layers:<5d} {y['s']:5.0f}s")
-            print(f"{'search':>34s} | {a['computed'] / a['naive']:19.3f} {a['total_s']:5.0f}s | "
-                  f"{b['computed'] / b['naive']:16.3f} {'':>11s} {b['total_s']:5.0f}s")
-            print(f"peak RSS: {a['rss_gb']:.2f} GB without, {b['rss_gb']:.2f} GB with reuse (store "
-                  f"{b['store_mb']:.0f} MB on disk at the end, {b['store_writes']} states written, "
-                  f"{b['store_hits']} read, {b['store_evicted']} evicted); search time with / without "
-                  f"{b['total_s'] / a['total_s']:.2f}, layer work {b['computed'] / a['computed']:.3f}")
-            shutil.rmtree(path)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+            with ThreadPoolExecutor(2) as pool:
+                runs = dict(zip(engines, pool.map(lambda e: measure(e, path, layers, args), engines)))
+        else:
+            runs = {e: measure(e, path, layers, args) for e in engines}
+        for engine in engines:
+            print(f"  {engine}: {json.dumps(runs[engine])}", flush=True)
+        a, b = runs["search-none"], runs["search-reuse"]
+        diff = max(abs(x - y) for x, y in zip(a["nll"], b["nll"]))
+        print(f"\n{size / 1e9:.2f} GB, {layers} layers; {args.candidates} children per generation, "
+              f"{args.generations} generations; same best: {a['best'] == b['best']}, "
+              f"max |nll difference| = {diff:.1e}")
+        print(f"{'stage':>34s} | {'without reuse: work':>19s} {'time':>6s} | {'with reuse: work':>16s} "
+              f"{'layers read':>11s} {'time':>6s}")
+        for x, y in zip(a["stages"], b["stages"]):
+            print(f"{x['stage']:>34s} | {x['computed'] / x['naive']:19.3f} {x['s']:5.0f}s | "
+                  f"{y['computed'] / y['naive']:16.3f} {y['layers_read']:5d}/{layers:<5d} {y['s']:5.0f}s")
+        print(f"{'search':>34s} | {a['computed'] / a['naive']:19.3f} {a['total_s']:5.0f}s | "
+              f"{b['computed'] / b['naive']:16.3f} {'':>11s} {b['total_s']:5.0f}s")
+        print(f"peak RSS: {a['rss_gb']:.2f} GB without, {b['rss_gb']:.2f} GB with reuse (store "
+              f"{b['store_mb']:.0f} MB on disk at the end, {b['store_writes']} states written, "
+              f"{b['store_hits']} read, {b['store_evicted']} evicted); search time with / without "
+              f"{b['total_s'] / a['total_s']:.2f}, layer work {b['computed'] / a['computed']:.3f}")
 
 
 if __name__ == "__main__":

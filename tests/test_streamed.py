@@ -354,3 +354,26 @@ def test_state_store_reads_only_its_own_files_and_keeps_the_elites_longest(tmp_p
     assert torch.equal(again.get(StateStore.name(c, d), torch.device("cpu")), t)
     store.close()
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]  # only its own files are deleted
+
+
+def test_state_stores_sharing_a_directory_share_its_bound(tmp_path):
+    """Two processes' stores in one directory (workers of one run): the bound holds for the directory, not for
+    each of them, and a state one evicted is a miss for the other rather than a wrong read."""
+    from evoreap.proxies.streamed import StateStore
+
+    keys = ["%064x" % i for i in range(6)]
+    t = torch.ones(4, 256)
+    first, second = StateStore(tmp_path, 1 << 30), StateStore(tmp_path, 1 << 30)
+    first.put(StateStore.name(keys[0], keys[0]), t)
+    bound = 3 * first.bytes
+    first.max_bytes = second.max_bytes = bound
+    for i in range(1, 6):
+        (first if i % 2 else second).put(StateStore.name(keys[i], keys[0]), t * i)
+        on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+        assert on_disk <= bound, (i, on_disk, bound)
+    assert len(list(tmp_path.iterdir())) == 3
+    assert first.get(StateStore.name(keys[0], keys[0]), torch.device("cpu")) is None  # evicted by the other
+    assert torch.equal(first.get(StateStore.name(keys[4], keys[0]), torch.device("cpu")), t * 4)  # the other's
+    first.close()
+    second.close()
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

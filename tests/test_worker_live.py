@@ -70,6 +70,24 @@ def _children(space: SearchSpace, n: int) -> list[tuple[int, ...]]:
     return out
 
 
+def test_a_worker_whose_clock_is_behind_says_so_once(tmp_path, caplog):
+    """Beats are compared across machines: a process that reads another worker's beat from more than the tolerance
+    in its own future warns, naming that worker and the gap, once per worker; agreeing clocks say nothing."""
+    study = optuna.create_study(storage=st.open_storage(_url(tmp_path, "journal")), study_name="clocks")
+    ours, ahead = Clock(), Clock(1_000_000.0 + 95)
+    me, near, far = (st.Worker(f"host-{x}:1", timeout=TIMEOUT, clock=c) for x, c in zip("abc", (ours, ours, ahead)))
+    for w in (me, near, far):
+        st.announce(study, w)
+    warned: set[str] = set()
+    with caplog.at_level("WARNING", logger="evoreap.search.storage"):
+        st.check_clocks(study, me, warned)
+        st.check_clocks(study, me, warned)
+    assert warned == {far.id}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"worker {far.id}'s clock is 95 s ahead of this machine's: workers compare beats across machines and take one "
+        f"silent for {TIMEOUT:g} s for dead, so synchronise the clocks (NTP)"]
+
+
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_shares_follow_the_live_workers(tmp_path, kind):
     """Three workers announced themselves; one has been silent longer than the timeout. Ten queued trials are split

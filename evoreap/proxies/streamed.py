@@ -147,7 +147,9 @@ class _StoreMiss(Exception):
 class StateStore:
     """Hidden states of prefix-tree nodes kept across stages (the generations of a search), one safetensors file
     each in ``directory``, at most ``max_bytes`` of them: least recently used out first, the pinned nodes' (the
-    elites', :meth:`pin`) last, and never one a running stage starts from (:meth:`protect`).
+    elites', :meth:`pin`) last, and never one a running stage starts from (:meth:`protect`). Processes sharing the
+    directory share the bound: each counts the others' files before it writes (a state another one then evicts is
+    recomputed by the stage that wanted it).
 
     A state is named ``<prefix key>-<batch key>``: the prefix key hashes the router masks of the layers below it (the
     same candidates' prefix as the population engine's :class:`~evoreap.proxies.population.StateCache` node), the
@@ -241,8 +243,21 @@ class StateStore:
         self.writes += 1
         self._adopt(name)
 
+    def _sync(self) -> None:
+        """Count what other processes sharing the directory (workers of one run) wrote or removed since, so that
+        the bound holds for the directory as a whole rather than per process."""
+        try:
+            names = {e.name for e in os.scandir(self.dir) if _STATE_NAME.fullmatch(e.name)}
+        except OSError:
+            return
+        for name in [n for n in self.index if n not in names]:
+            self.bytes -= self.index.pop(name)
+        for name in sorted(names - self.index.keys()):
+            self._adopt(name)
+
     def _shrink(self, size: int) -> bool:
-        """Make room for ``size`` more bytes: False when the protected states leave none."""
+        """Make room for ``size`` more bytes (in the whole directory): False when the protected states leave none."""
+        self._sync()
         while self.bytes + size > self.max_bytes:
             victims = [k for k in self.index if k not in self.protected]
             if not victims:

@@ -343,6 +343,8 @@ class Leader:
         scored_top: dict[Alloc, float] = dict(zip((c for c, _ in seed_list), vals))
         seen: set[Alloc] = set(scored_top)
         elites = self._select(scored_top)
+        log.info("generation 0: %d seeds scored, best %.5g (uniform %.5g), %s tokens", len(seed_list),
+                 min(vals), scored_top[space.uniform], f"{self.tokens_spent:,}")
         stop = None
         gen = 0
         for gen in range(1, s.generations + 1):

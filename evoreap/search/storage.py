@@ -17,13 +17,15 @@ cleared when it stops (:func:`present`). This is the live-worker count a process
 (:func:`live_workers`), kept in the storage itself (journal and RDB alike: no service besides it), and a worker whose
 beat is older than the timeout is neither counted nor trusted with its trials: the leader fails them and asks for them
 again, once. Beats are wall-clock seconds compared across machines, so their clocks must agree to well within the
-timeout (NTP).
+timeout (NTP); a worker that reads a beat from its own future (another machine's clock ahead of its own) says so
+once per worker (:func:`check_clocks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import socket
@@ -43,12 +45,15 @@ from optuna.trial import TrialState
 from evoreap.errors import UsageError
 from evoreap.files import real
 
+log = logging.getLogger(__name__)
+
 OWNER_ATTR = "evoreap:owner"
 BEAT_ATTR = "evoreap:beat"
 WORKER_ATTR = "evoreap:worker:"  # + worker id: a study system attr with the worker's last beat (None: it stopped)
 ENQUEUING_ATTR = "evoreap:enqueuing"  # the id of the worker enqueuing a stage right now (None: none is)
 HEARTBEAT_INTERVAL = 15  # seconds between beats of a running trial and of a worker
 GRACE_PERIOD = 60  # a running trial or a worker whose last beat is older than this is taken for dead
+CLOCK_TOLERANCE = 10  # seconds a beat may lie in this machine's future before the clocks are said to disagree
 
 
 def owner_id() -> str:
@@ -103,18 +108,33 @@ def stage_incomplete(study: optuna.Study, me: Worker | None = None, attrs: dict[
     return isinstance(by, str) and by != me.id and by in live_workers(study, me, attrs)
 
 
+def check_clocks(study: optuna.Study, me: Worker, warned: set[str], attrs: dict[str, Any] | None = None) -> None:
+    """Warn (once per worker, remembered in ``warned``) about each other worker whose last beat lies more than
+    :data:`CLOCK_TOLERANCE` seconds in the future of ``me.clock``: their clocks disagree, and liveness compares beats
+    across machines. The process whose clock is behind is the one that sees this, whichever side it is on."""
+    now = me.clock()
+    for w, beat in worker_beats(study, attrs).items():
+        if w != me.id and w not in warned and beat is not None and beat - now > CLOCK_TOLERANCE:
+            warned.add(w)
+            log.warning("worker %s's clock is %.0f s ahead of this machine's: workers compare beats across machines "
+                        "and take one silent for %g s for dead, so synchronise the clocks (NTP)", w, beat - now,
+                        me.timeout)
+
+
 @contextlib.contextmanager
 def present(study: optuna.Study, me: Worker | None = None) -> Iterator[Worker]:
-    """Announce ``me`` in the study and beat every ``me.interval`` seconds (a daemon thread) while the body runs;
-    on leaving, clear the beat so that the others stop counting this worker at once."""
+    """Announce ``me`` in the study and beat every ``me.interval`` seconds (a daemon thread, which also checks the
+    other workers' clocks against this one's, :func:`check_clocks`) while the body runs; on leaving, clear the beat
+    so that the others stop counting this worker at once."""
     me = me or Worker()
     announce(study, me)
-    stop = threading.Event()
+    stop, warned = threading.Event(), set()
 
     def loop() -> None:
         while not stop.wait(me.interval):
             try:
                 announce(study, me)
+                check_clocks(study, me, warned)
             except Exception:  # a storage hiccup must not kill the worker; the next beat tries again
                 pass
 
