@@ -80,8 +80,7 @@ def test_streamed_local_repair_equals_the_resident_one(arch, params, dtype, tmp_
     seq = SequentialModel(path, load_config(path))
     read = []
     materialise = seq.loader.materialise
-    seq.loader.materialise = lambda module, prefix, device: (read.append(prefix), materialise(module, prefix,
-                                                                                                device))
+    seq.loader.materialise = lambda module, prefix, *rest: (read.append(prefix), materialise(module, prefix, *rest))
     streamed = fit_repair_streamed(seq, kept, fit, stop, stop_reference=ref, settings=settings,
                                    storage_dtype=storage, progress=False, cache_dir=tmp_path / "cache",
                                    max_state_bytes=20000)  # most hidden states spill to disk
@@ -102,10 +101,10 @@ def test_streamed_repair_killed_after_a_layer_resumes_at_the_next(tmp_path):
     seq = SequentialModel(path, load_config(path))
     materialise = seq.loader.materialise
 
-    def killing(module, prefix, device):
+    def killing(module, prefix, *rest):
         if prefix == "model.layers.3.":  # layers 0 (MoE), 1 (dense) and 2 (MoE) are done
             raise KeyboardInterrupt
-        materialise(module, prefix, device)
+        materialise(module, prefix, *rest)
 
     seq.loader.materialise = killing
     with pytest.raises(KeyboardInterrupt):
@@ -116,8 +115,7 @@ def test_streamed_repair_killed_after_a_layer_resumes_at_the_next(tmp_path):
     read = []
     seq = SequentialModel(path, load_config(path))
     materialise = seq.loader.materialise
-    seq.loader.materialise = lambda module, prefix, device: (read.append(prefix), materialise(module, prefix,
-                                                                                                device))
+    seq.loader.materialise = lambda module, prefix, *rest: (read.append(prefix), materialise(module, prefix, *rest))
     resumed = fit_repair_streamed(seq, kept, fit, stop, stop_reference=ref, settings=settings, checkpoint=ckpt,
                                   progress=False)
     assert [p for p in read if ".layers." in p][0] == "model.layers.3."  # resumed at the next layer
@@ -133,8 +131,7 @@ def test_streamed_repair_killed_after_a_layer_resumes_at_the_next(tmp_path):
         fit_repair_streamed(seq, kept, fit, stop, stop_reference=ref, settings=settings, checkpoint=ckpt,
                             progress=False)
     read.clear()
-    seq.loader.materialise = lambda module, prefix, device: (read.append(prefix), materialise(module, prefix,
-                                                                                                device))
+    seq.loader.materialise = lambda module, prefix, *rest: (read.append(prefix), materialise(module, prefix, *rest))
     other = RepairSettings(**{**settings.__dict__, "seed": 1})
     fit_repair_streamed(seq, kept, fit, stop, stop_reference=ref, settings=other, checkpoint=ckpt, progress=False)
     assert [p for p in read if ".layers." in p][0] == "model.layers.0."

@@ -121,3 +121,28 @@ def test_cli_errors_and_listing(capsys, tmp_path):
     assert "did you mean frequency" in capsys.readouterr().err
     assert main(["observe", "--show", "abcdef12", "--cache-dir", str(tmp_path)]) == 2
     assert "no observation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_layers_read_into_reused_buffers_equal_fresh_reads(tmp_path, arch):
+    """Streaming reads each decoder layer into the previous one's tensors (no fresh pages per layer): every layer so
+    read equals the same layer read into new tensors, and the fused expert tensors are the same memory each time."""
+    from evoreap.observe.sequential import LayerBuffers
+
+    path = save_tiny(tmp_path / arch, arch)
+    seq = SequentialModel(path, load_config(path))
+    buffers, pointers, held = LayerBuffers(), set(), []
+    with torch.inference_mode():
+        for i, layer in enumerate(seq.decoder.layers):
+            prefix = f"{seq.prefix}layers.{i}."
+            seq.loader.materialise(layer, prefix, torch.device("cpu"))
+            fresh = {k: v.clone() for k, v in layer.state_dict().items()}
+            layer.to("meta")
+            seq.loader.materialise(layer, prefix, torch.device("cpu"), buffers)
+            got = layer.state_dict()
+            assert fresh.keys() == got.keys() and all(torch.equal(fresh[k], got[k]) for k in fresh)
+            experts = [v for k, v in got.items() if k.endswith("experts.down_proj")]
+            pointers |= {v.data_ptr() for v in experts}
+            held += experts  # kept alive: fresh tensors could not reuse this address
+            layer.to("meta")
+    assert len(pointers) == 1  # every MoE layer's experts, in one tensor

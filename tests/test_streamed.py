@@ -118,10 +118,10 @@ def test_killed_stage_resumes_after_the_last_completed_layer(tmp_path, monkeypat
     ev, seq = evaluator()
     real = seq.loader.materialise
 
-    def dies(module, prefix, device):
+    def dies(module, prefix, device, buffers=None):
         if prefix.endswith(f"layers.{kill_at}."):
             raise KeyboardInterrupt("killed")
-        return real(module, prefix, device)
+        return real(module, prefix, device, buffers)
 
     monkeypatch.setattr(seq.loader, "materialise", dies)
     with pytest.raises(KeyboardInterrupt):
@@ -178,13 +178,13 @@ def test_search_streamed_never_loads_the_model_resumes_a_killed_stage_and_equals
 
     real, reads, kill = LayerLoader.materialise, [], {"at": 1}
 
-    def spy(self, module, prefix, device):
+    def spy(self, module, prefix, device, buffers=None):
         if ".layers." in prefix:
             reads.append(int(prefix.split(".")[-2]))
             # observation and reference come from the cache: the first read of layer 2 is in the seeds' stage
             if kill["at"] and reads.count(2) == kill["at"]:
                 raise KeyboardInterrupt
-        return real(self, module, prefix, device)
+        return real(self, module, prefix, device, buffers)
 
     monkeypatch.setattr(session_mod, "load_model", no_load)
     monkeypatch.setattr(LayerLoader, "materialise", spy)
@@ -278,12 +278,12 @@ def test_killed_reference_build_resumes_after_the_last_completed_layer(tmp_path,
         seq = SequentialModel(path, load_config(path))
         real = seq.loader.materialise
 
-        def spy(module, prefix, device):
+        def spy(module, prefix, device, buffers=None):
             if ".layers." in prefix:
                 if die and prefix.endswith(f"layers.{kill_at}."):
                     raise KeyboardInterrupt("killed")
                 reads.append(int(prefix.split(".")[-2]))
-            return real(module, prefix, device)
+            return real(module, prefix, device, buffers)
 
         monkeypatch.setattr(seq.loader, "materialise", spy)
         return seq

@@ -330,10 +330,11 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     name = _TORCH_DTYPES.get(info.dtype)
     if name is None or not hasattr(torch, name):
         raise EvoreapError(f"{info.name}: cannot read dtype {info.dtype} into a tensor")
-    with open(info.file, "rb") as f:
+    raw = bytearray(info.nbytes)
+    with open(info.file, "rb") as f:  # read straight into the tensor's memory: one copy, not two
         f.seek(info.start)
-        raw = bytearray(f.read(info.nbytes))
-    if len(raw) != info.nbytes:
+        got = f.readinto(raw)
+    if got != info.nbytes:
         raise EvoreapError(f"{info.file} is truncated inside {info.name}")
     dtype = getattr(torch, name)
     if not raw:

@@ -76,6 +76,27 @@ class CheckpointReader:
         """Nothing stays open between reads (kept for callers that release the reader after each layer)."""
 
 
+class LayerBuffers:
+    """The tensors one decoder layer is loaded into, kept for the next one (the layers of a decoder share names,
+    shapes and dtypes). Streaming reads every layer once per stage; writing each into memory that is already mapped
+    spares the page faults of fresh allocations, which cost several times the copy itself (a 256 MB float32
+    tensor: 0.22 s fresh, 0.04 s reused, one thread). The owner must release a layer (``layer.to("meta")``)
+    before the next one is loaded with the same buffers: only one layer is live at a time."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+        key = (name, tuple(like.shape), like.dtype, device)
+        t = self.held.get(key)
+        if t is None:
+            t = self.held[key] = torch.empty(like.shape, dtype=like.dtype, device=device)
+        return t
+
+    def clear(self) -> None:
+        self.held.clear()
+
+
 class LayerLoader:
     """Maps a module's parameter names to checkpoint tensors (through the architecture's key layout, fusing
     per-expert tensors) and materialises it."""
@@ -88,15 +109,20 @@ class LayerLoader:
         """The checkpoint name holding model-side name ``name``, None when the checkpoint has none."""
         return next((c for c in self.layout.candidates(name) if c in self.reader), None)
 
-    def tensor(self, full: str, like: torch.Tensor) -> torch.Tensor:
-        """The checkpoint tensor for model parameter ``full`` (e.g. ``model.layers.3.mlp.experts.down_proj``)."""
+    def tensor(self, full: str, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The checkpoint tensor for model parameter ``full`` (e.g. ``model.layers.3.mlp.experts.down_proj``), in
+        ``like``'s dtype; written into ``out`` (``like``'s shape and dtype) when one is given."""
         stored = self._stored(full)
         if stored is not None:
-            return self._fit(full, self.reader.get(stored), like)
+            t = self._fit(full, self.reader.get(stored), like)
+            return t if out is None else out.copy_(t)
         per_expert = self.layout.per_expert_parts(full, like.shape[0]) if like.dim() else None
         if per_expert is not None:
-            rows = []
-            for names in per_expert:
+            # each expert's rows go straight into their place in the fused tensor, converted on the way: no
+            # stacked copy in the stored dtype, and no second one in the model's
+            if out is None:
+                out = torch.empty(like.shape, dtype=like.dtype)
+            for e, names in enumerate(per_expert):
                 parts = []
                 for name in names:
                     stored = self._stored(name)
@@ -104,8 +130,16 @@ class LayerLoader:
                         raise EvoreapError(f"checkpoint {self.reader.path} has no tensor {name!r} for {full}; is "
                                            "it complete and does it match config.json?")
                     parts.append(self.reader.get(stored))
-                rows.append(torch.cat(parts, dim=0))
-            return self._fit(full, torch.stack(rows), like)
+                row = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                if tuple(row.shape) != tuple(out.shape[1:]):
+                    if row.dim() == 2 and tuple(row.t().shape) == tuple(out.shape[1:]):
+                        row = row.t()  # per-expert [out, in] stacked for a transposed fused layout
+                    else:
+                        raise EvoreapError(f"checkpoint tensors for {full} have per-expert shape {tuple(row.shape)}, "
+                                           f"the model expects {tuple(like.shape)}; does the checkpoint match "
+                                           "config.json?")
+                out[e].copy_(row)
+            return out
         raise EvoreapError(f"checkpoint {self.reader.path} has no tensor for {full} (looked for "
                            f"{', '.join(self.layout.candidates(full))}); is it complete and does it match "
                            "config.json?")
@@ -130,11 +164,17 @@ class LayerLoader:
                                    f"{tuple(like.shape)}; does the checkpoint match config.json?")
         return t.to(like.dtype)
 
-    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device,
+                    buffers: LayerBuffers | None = None) -> None:
         """Load ``module``'s parameters and persistent buffers (named ``prefix + name`` in the model) onto
-        ``device``."""
-        state = {name: self.tensor(prefix + name, like).to(device)
-                 for name, like in module.state_dict(keep_vars=True).items()}
+        ``device``, into ``buffers``' tensors when given (see :class:`LayerBuffers`)."""
+        device = torch.device(device)
+        if buffers is None:
+            state = {name: self.tensor(prefix + name, like).to(device)
+                     for name, like in module.state_dict(keep_vars=True).items()}
+        else:
+            state = {name: self.tensor(prefix + name, like, buffers.get(name, like, device))
+                     for name, like in module.state_dict(keep_vars=True).items()}
         self.reader.close()
         preflight.check_finite(((prefix + name, t) for name, t in state.items()), str(self.reader.path))
         module.load_state_dict(state, strict=True, assign=True)
@@ -292,9 +332,10 @@ class SequentialModel:
                     self.decoder.layers = layers
                     self._free_outer()
                 # 2. one decoder layer at a time
+                buffers = LayerBuffers()
                 for i, layer in enumerate(tqdm(layers, disable=not progress, desc="observe (offload)",
                                                unit="layer")):
-                    self.loader.materialise(layer, f"{self.prefix}layers.{i}.", self.device)
+                    self.loader.materialise(layer, f"{self.prefix}layers.{i}.", self.device, buffers)
                     try:
                         observed = [moe[i]] if i in moe else []
                         with recording(self.model, recorder, observed):

@@ -44,7 +44,7 @@ from evoreap.errors import EvoreapError
 from evoreap.files import cache_root, write_json_atomic
 from evoreap.fingerprint import checkpoint_fingerprint
 from evoreap.masking import masked
-from evoreap.observe.sequential import LayerCapture, SequentialModel
+from evoreap.observe.sequential import LayerBuffers, LayerCapture, SequentialModel
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
 from evoreap.proxies.population import DEFAULT_CACHE_BYTES, Masks, PopulationEvaluator, Progress, WorkCount, \
     _layers_replaced, _Replay
@@ -322,6 +322,7 @@ class StreamedEvaluator:
         self._trie: dict[tuple[int, bytes | None], int] = {}
         self.work = WorkCount()
         self.layers_read: list[int] = []  # decoder layers materialised, in order (resume skips the done ones)
+        self._buffers = LayerBuffers()  # within a stage, each layer is read into the previous one's memory
         self.peak_state_bytes = 0  # most hidden-state bytes held in memory at once
         self.spilled_state_bytes = 0  # written to disk beyond max_state_bytes in the last stage
 
@@ -503,7 +504,7 @@ class StreamedEvaluator:
                 if not any(plan):  # every path starts above this layer: not read
                     continue
                 layer = self.decoder.layers[d]
-                self.seq.loader.materialise(layer, f"{self.seq.prefix}layers.{d}.", device)
+                self.seq.loader.materialise(layer, f"{self.seq.prefix}layers.{d}.", device, self._buffers)
                 self.layers_read.append(d)
                 tokens = 0
                 try:
@@ -532,6 +533,7 @@ class StreamedEvaluator:
                 self.spilled_state_bytes = front.spilled
                 if progress is not None:
                     progress(total * (d + 1) // (n + 1), total)
+        self._buffers.clear()  # the output head comes next: no layer's memory held under it
         self.work = WorkCount(self.work.computed, self.work.naive + len(candidates) * n * sum(sizes),
                               self.work.cached, self.work.candidates)
         self._total, self._progress = total, progress

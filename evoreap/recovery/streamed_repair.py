@@ -409,8 +409,8 @@ class _RepairedLoader:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
-        self.inner.materialise(module, prefix, device)
+    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device, buffers=None) -> None:
+        self.inner.materialise(module, prefix, device, buffers)  # then overwritten in place: a reused buffer is too
         named = {prefix + n: p for n, p in [*module.named_parameters(), *module.named_buffers()]}
         new: dict[str, torch.Tensor] = {}
         with torch.no_grad():
