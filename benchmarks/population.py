@@ -25,6 +25,7 @@ import optuna
 import torch
 
 from evoreap.adapters import MoEAdapter
+from evoreap.masking import masked
 from evoreap.models import LoadedModel, load_model, load_tokenizer
 from evoreap.pipeline.config import SearchConfig
 from evoreap.pipeline.session import SearchSession
@@ -69,14 +70,15 @@ def decoder_flop_share(model: torch.nn.Module, adapter: MoEAdapter, seq_len: int
     return macs / (macs + head)
 
 
-def plain_forward_seconds(model: torch.nn.Module, session: SearchSession, tokens: int, repeats: int
-                          ) -> tuple[float, float]:
-    """Best of ``repeats`` timings of plain forwards (no masks, no proxies) over the rows a candidate is scored on
-    at ``tokens``, per token position: wall seconds and CPU seconds of this process (steadier on a shared box)."""
+def plain_forward_seconds(model: torch.nn.Module, session: SearchSession, tokens: int, repeats: int,
+                          masks: dict | None = None) -> tuple[float, float]:
+    """Best of ``repeats`` timings of plain forwards (no proxies; router ``masks`` if given, else none) over the rows
+    a candidate is scored on at ``tokens``, per token position: wall seconds and CPU seconds of this process
+    (steadier on a shared box)."""
     data, bs = session.search_data, session.config.batch_size
     rows = select_sequences(data, session.order, tokens)
     best = (float("inf"), float("inf"))
-    with torch.inference_mode():
+    with torch.inference_mode(), masked(model, MoEAdapter.for_model(model), masks or {}):
         for _ in range(repeats):
             t, c = time.perf_counter(), time.process_time()
             for start in range(0, len(rows), bs):
@@ -258,10 +260,12 @@ def main() -> None:
               f"{loaded.adapter.num_experts} experts top-{loaded.adapter.top_k}, vocab "
               f"{loaded.adapter.config.vocab_size}, {loaded.model.dtype}; generations {args.generations}, "
               f"fidelities {fidelities}, batch {args.batch_size} x {args.seq_len}")
-        plain = plain_forward_seconds(loaded.model, session, fidelities[-1], 2)  # whole batches, as the stages
-        plain_decoder = decoder_seconds(loaded.model, session, fidelities[-1], 2)
+        # plain forwards timed before and after the engines (whole batches, as the stages), and averaged: on a
+        # shared machine one timing alone can be off by more than the effect measured
+        before = plain_forward_seconds(loaded.model, session, fidelities[-1], 2)
+        before_decoder = decoder_seconds(loaded.model, session, fidelities[-1], 2)
         share = decoder_flop_share(loaded.model, loaded.adapter, args.seq_len)
-        results = {}
+        results, splits = {}, {}
         for engine in args.engines.split(","):
             stages = StageLog(session)
             stage_scorer = stages if engine == "population" else None
@@ -274,12 +278,24 @@ def main() -> None:
             seconds, cpu = time.perf_counter() - t, time.process_time() - c
             positions = sum(len(select_sequences(session.search_data, session.order, h["tokens"]))
                             for h in res["history"]) * session.search_data.seq_len
-            results[engine] = (res, seconds, cpu)
+            results[engine] = (res, seconds, cpu, positions)
+            splits[engine] = (split, stages, session.population.work if session.population is not None else None)
+        after = plain_forward_seconds(loaded.model, session, fidelities[-1], 2)
+        after_decoder = decoder_seconds(loaded.model, session, fidelities[-1], 2)
+        plain = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
+        plain_decoder = (before_decoder + after_decoder) / 2
+        uniform = plain_forward_seconds(loaded.model, session, fidelities[-1], 2,
+                                        session.masks_for(session.space.uniform))
+        print(f"plain forward per token position: {before[0] * 1e6:.0f} us wall / {before[1] * 1e6:.0f} us CPU "
+              f"before the engines, {after[0] * 1e6:.0f} / {after[1] * 1e6:.0f} after; the ratios use the means. "
+              f"The uniform allocation's masked forward: {uniform[0] / plain[0]:.2f}x wall, "
+              f"{uniform[1] / plain[1]:.2f}x CPU (what pruning itself does to a forward's cost here)")
+        for engine, (res, seconds, cpu, positions) in results.items():
             line = (f"{engine:>10}: {len(res['history'])} candidates, {seconds:.1f}s wall ({cpu:.1f}s CPU); per "
                     f"scored token {seconds / positions / plain[0]:.2f}x a plain forward's wall time, "
                     f"{cpu / positions / plain[1]:.2f}x its CPU time")
+            split, stages, w = splits[engine]
             if engine == "population":
-                w = session.population.work
                 line += (f"; decoder-layer token evaluations computed / (candidates x layers x tokens) = "
                          f"{w.computed:,} / {w.naive:,} = {w.ratio:.3f} (from the state cache: "
                          f"{w.cached / w.naive:.3f})")
@@ -294,7 +310,7 @@ def main() -> None:
                       f"{1 - plain_decoder / plain[1]:.3f}), search outside the engine "
                       f"{(cpu - split.total) / per:.3f}")
         if len(results) == 2:
-            (a, _, _), (b, _, _) = results.values()
+            (a, *_), (b, *_) = results.values()
             print(f"same best allocation: {a['best'] == b['best']}; population / single: wall time "
                   f"{results['population'][1] / results['single'][1]:.2f}, CPU time "
                   f"{results['population'][2] / results['single'][2]:.2f}")

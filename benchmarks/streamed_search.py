@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -55,16 +56,40 @@ def run_cli(engine: str, ckpt: Path, work: Path) -> dict:
         cmd += ["--max-memory", "2"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0, started = time.perf_counter(), datetime.now().replace(microsecond=0)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    lines = (proc.stdout + proc.stderr).splitlines()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        samples = sample_rss(proc)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        lines = out.read().splitlines()
     if proc.returncode != 0:
         raise SystemExit(f"{engine} search on {ckpt} failed:\n" + "\n".join(lines[-30:]))
     rss_kb = int(next(x.split(":")[1] for x in lines if "Maximum resident set size" in x))
     result = json.loads((runs / "bench" / "result.json").read_text())
-    return {"rss_gb": rss_kb / 2**20, "wall_s": wall, "phases": phase_times(lines, started, wall),
+    phases = phase_times(lines, started, wall)
+    peaks, start = {}, started
+    for name, seconds in phases.items():  # the sampled peak of each phase (every 0.25 s: a lower bound)
+        end = start + timedelta(seconds=seconds)
+        peaks[name] = max((r for t, r in samples if start <= t < end + timedelta(seconds=1)), default=0) / 2**30
+        start = end
+    return {"rss_gb": rss_kb / 2**20, "wall_s": wall, "phases": phases, "phase_rss_gb": peaks,
             "best": result["best"], "best_value": result["best_value"], "uniform_value": result["uniform_value"],
             "streams": any("layer by layer" in x for x in lines)}
+
+
+def sample_rss(proc: subprocess.Popen) -> list[tuple[datetime, int]]:
+    """RSS of the command (the child of ``/usr/bin/time``) every 0.25 s until it exits."""
+    import psutil
+
+    samples = []
+    while proc.poll() is None:
+        try:
+            rss = sum(c.memory_info().rss for c in psutil.Process(proc.pid).children(recursive=True))
+            samples.append((datetime.now(), rss))
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    return samples
 
 
 def phase_times(lines: list[str], started: datetime, wall: float) -> dict[str, float]:
@@ -91,6 +116,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1.5,3,6", help="checkpoint sizes in GB (bf16 on disk)")
     ap.add_argument("--resident-max-gb", type=float, default=14.0,
                     help="also run the in-memory engine where the float32 model is at most this large")
+    ap.add_argument("--engines", default="streamed,in memory", help="which to run (in memory only where it fits)")
     ap.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary directory in /tmp)")
     args = ap.parse_args()
     rows = []
@@ -98,7 +124,8 @@ def main() -> None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(DEMO / name, ckpt / name)
         work = ckpt.with_name(ckpt.name + "-runs")  # run and cache directories, next to the checkpoint
-        engines = ["streamed"] + (["in memory"] if 2 * size / 1e9 <= args.resident_max_gb else [])
+        engines = [e for e in args.engines.split(",")
+                   if e == "streamed" or (e == "in memory" and 2 * size / 1e9 <= args.resident_max_gb)]
         with ThreadPoolExecutor(len(engines)) as pool:
             runs = dict(zip(engines, pool.map(lambda e: run_cli(e, ckpt, work), engines)))
         shutil.rmtree(work, ignore_errors=True)
@@ -115,7 +142,7 @@ def main() -> None:
         rows.append((size, layers, runs))
     print()
     print("evoreap search --budget 0.5 (1 generation of 4 children, fidelities 510/1,020/2,040 tokens), one thread "
-          "each, side by side; seconds per phase")
+          "each, side by side; seconds per phase, and below them the phase's peak RSS sampled every 0.25 s")
     names = [n for n, _ in PHASES]
     print(f"{'checkpoint':>16s} {'engine':>10s} {'peak RSS':>9s} {'wall':>7s} | "
           + " ".join(f"{n:>12s}" for n in names))
@@ -123,6 +150,8 @@ def main() -> None:
         for e, r in runs.items():
             print(f"{size / 1e9:6.2f} GB {layers:3d} L {e:>10s} {r['rss_gb']:6.2f} GB {r['wall_s']:6.0f}s | "
                   + " ".join(f"{r['phases'].get(n, float('nan')):11.0f}s" for n in names))
+            print(f"{'':>16s} {'':>10s} {'':>9s} {'':>7s} | "
+                  + " ".join(f"{r['phase_rss_gb'].get(n, float('nan')):9.2f} GB" for n in names))
         if "in memory" in runs:
             a, b = runs["streamed"]["phases"], runs["in memory"]["phases"]
             wall = runs["streamed"]["wall_s"] / runs["in memory"]["wall_s"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import importlib.util
 import json
 import logging
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,23 @@ def _resident_routers(model: torch.nn.Module, adapter: MoEAdapter) -> None:
                 set_module_tensor_to_device(router, name, device, value=stored[name])
 
 
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``) after work whose transient buffers
+    (a loader's copies, a stage's logits and hidden states) leave the heap's high-water mark behind; a no-op where the
+    C library is not glibc."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim: Callable | bool | None = None
+
+
 def load_model(name: str | None = None, *, dtype: str = "float32", device: str = "cpu",
                trust_remote_code: bool = False, device_map: str | dict | None = None,
                max_memory: str | float | dict | None = None) -> LoadedModel:
@@ -297,6 +316,7 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
         model.to(device).eval()
         preflight.check_loaded(model, adapter, info, path)  # no stored tensor left unused, finite weights
     note_loaded(model, path)  # its weights fingerprint hashes these files (cached) while nothing changes in memory
+    release_freed_memory()  # the loader's copies in the stored dtype: a 1.58 GB bf16 checkpoint left 4.9 GB, now 3.3
     log.info("loaded %s (%s, %d MoE layers x %d experts, top-%d)", path, adapter.name,
              len(adapter.moe_layer_indices), adapter.num_experts, adapter.top_k)
     return LoadedModel(model, tokenizer, path, adapter)

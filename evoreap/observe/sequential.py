@@ -39,7 +39,8 @@ from evoreap.checkpoint.reader import INDEX_NAME, CheckpointIndex, read_tensor
 from evoreap.data import load_tokens
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.fingerprint import checkpoint_fingerprint
-from evoreap.models import LoadedModel, load_config, load_tokenizer, model_class, parse_dtype, resolve_model
+from evoreap.models import (LoadedModel, load_config, load_tokenizer, model_class, parse_dtype,
+                            release_freed_memory, resolve_model)
 from evoreap.observe.recorder import Recorder, recording
 from evoreap.observe.stats import ExpertStats
 from evoreap.observe.store import model_info, observe_cached
@@ -347,6 +348,7 @@ class SequentialModel:
                                 hidden.put(b, out[0] if isinstance(out, tuple) else out)
                     finally:
                         layer.to("meta")
+                        release_freed_memory()  # free heap pages back: memory flat over the layers
         finally:
             hidden.close()
         return recorder.result()

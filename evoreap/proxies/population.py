@@ -19,7 +19,6 @@ what the model does after its layers (final norm, head, any scaling) is the mode
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import tempfile
@@ -36,6 +35,7 @@ from evoreap.data import TokenData
 from evoreap.errors import UsageError
 from evoreap.fingerprint import offloaded, versions
 from evoreap.masking import masked
+from evoreap.models import release_freed_memory
 from evoreap.observe.sequential import LayerCapture
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
 from evoreap.reference import Reference, logprob_chunks, model_device, scored_positions
@@ -114,22 +114,6 @@ class SlotPool:
 
     def clear(self) -> None:
         self.free.clear()
-
-
-def release_freed_memory() -> None:
-    """Give the heap's free pages back to the system (glibc ``malloc_trim``) after a stage, whose transient buffers
-    (logits, hidden states) leave the heap's high-water mark behind; a no-op where the C library is not glibc."""
-    global _trim
-    if _trim is None:
-        try:
-            _trim = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
-_trim: Callable | bool | None = None
 
 
 class StateCache:

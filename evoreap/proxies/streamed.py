@@ -44,6 +44,7 @@ from evoreap.errors import EvoreapError
 from evoreap.files import cache_root, write_json_atomic
 from evoreap.fingerprint import checkpoint_fingerprint
 from evoreap.masking import masked
+from evoreap.models import release_freed_memory
 from evoreap.observe.sequential import LayerBuffers, LayerCapture, SequentialModel
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
 from evoreap.proxies.population import DEFAULT_CACHE_BYTES, Masks, PopulationEvaluator, Progress, WorkCount, \
@@ -524,6 +525,10 @@ class StreamedEvaluator:
                             del h
                 finally:
                     layer.to("meta")
+                    # the layer's transient buffers leave free pages inside the heap: given back now, peak memory
+                    # stays flat over the layers instead of creeping up with their number (measured: 150 MB by
+                    # layer 7 of a 1.58 GB checkpoint's reference)
+                    release_freed_memory()
                 self.work = WorkCount(self.work.computed + tokens, self.work.naive, self.work.cached,
                                       self.work.candidates)
                 if self.resume_dir is not None:
