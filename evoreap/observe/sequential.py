@@ -115,8 +115,8 @@ class LayerLoader:
         ``like``'s dtype; written into ``out`` (``like``'s shape and dtype) when one is given."""
         stored = self._stored(full)
         if stored is not None:
-            t = self._fit(full, self.reader.get(stored), like)
-            return t if out is None else out.copy_(t)
+            t = self._shaped(full, self.reader.get(stored), like)
+            return t.contiguous().to(like.dtype) if out is None else out.copy_(t)  # copy_ converts on the way
         per_expert = self.layout.per_expert_parts(full, like.shape[0]) if like.dim() else None
         if per_expert is not None:
             # each expert's rows go straight into their place in the fused tensor, converted on the way: no
@@ -156,14 +156,14 @@ class LayerLoader:
         return [c for names in per_expert for name in names for c in self.layout.candidates(name) if c in self.reader]
 
     @staticmethod
-    def _fit(full: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _shaped(full: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``t`` in ``like``'s shape (a view; the dtype is left to the caller)."""
         if tuple(t.shape) != tuple(like.shape):
             if t.dim() == 3 and tuple(t.transpose(1, 2).shape) == tuple(like.shape):
-                t = t.transpose(1, 2).contiguous()  # per-expert [out, in] stacked for a transposed fused layout
-            else:
-                raise EvoreapError(f"checkpoint tensor for {full} has shape {tuple(t.shape)}, the model expects "
-                                   f"{tuple(like.shape)}; does the checkpoint match config.json?")
-        return t.to(like.dtype)
+                return t.transpose(1, 2)  # per-expert [out, in] stacked for a transposed fused layout
+            raise EvoreapError(f"checkpoint tensor for {full} has shape {tuple(t.shape)}, the model expects "
+                               f"{tuple(like.shape)}; does the checkpoint match config.json?")
+        return t
 
     def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device,
                     buffers: LayerBuffers | None = None) -> None:

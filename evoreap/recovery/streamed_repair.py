@@ -48,7 +48,7 @@ from evoreap.data import TokenData
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.files import sha256_file, shareable, write_json_atomic
 from evoreap.fingerprint import checkpoint_fingerprint
-from evoreap.observe.sequential import LayerCapture, SequentialModel
+from evoreap.observe.sequential import LayerBuffers, LayerCapture, SequentialModel
 from evoreap.proxies.population import DEFAULT_CACHE_BYTES, _layers_replaced
 from evoreap.proxies.streamed import MANIFEST, StreamedEvaluator, _Frontier, _read_manifest, streamed_fingerprint, \
     streamed_reference_cached
@@ -409,7 +409,8 @@ class _RepairedLoader:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device, buffers=None) -> None:
+    def materialise(self, module: torch.nn.Module, prefix: str, device: torch.device,
+                    buffers: LayerBuffers | None = None) -> None:
         self.inner.materialise(module, prefix, device, buffers)  # then overwritten in place: a reused buffer is too
         named = {prefix + n: p for n, p in [*module.named_parameters(), *module.named_buffers()]}
         new: dict[str, torch.Tensor] = {}
