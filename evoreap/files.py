@@ -18,12 +18,22 @@ from typing import Any
 from evoreap.errors import UsageError
 
 
+def user_path(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; a user that does not exist (or no home directory) is a
+    :class:`UsageError` naming the path, not pathlib's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise UsageError(f"{path}: cannot expand its '~' (no such user, or no home directory); write the path out "
+                         "in full") from None
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """evoreap's cache directory: ``cache_dir`` if given, else ``$EVOREAP_CACHE``, else ``~/.cache/evoreap``."""
     if cache_dir is not None:
-        return Path(cache_dir).expanduser()
+        return user_path(cache_dir)
     env = os.environ.get("EVOREAP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoreap"
+    return user_path(env) if env else Path.home() / ".cache" / "evoreap"
 
 
 def umask() -> int:
@@ -77,7 +87,7 @@ def sha256_json(obj: Any) -> str:
 
 def real(path: str | Path) -> Path:
     """The absolute path with ``~``, ``..`` and every symlink resolved (also for paths that do not exist yet)."""
-    return Path(os.path.realpath(Path(path).expanduser()))
+    return Path(os.path.realpath(user_path(path)))
 
 
 def overlaps(a: str | Path, b: str | Path) -> bool:
@@ -90,7 +100,7 @@ def check_destination(dest: str | Path, *, sources: dict[str, str | Path], what:
     """Refuse a destination that is, contains or lies inside any of ``sources`` (name -> path), compared as real
     paths; returns the destination's real path. A symlink as the destination itself is refused too: writing
     through it would replace whatever it points at."""
-    p = Path(dest).expanduser()
+    p = user_path(dest)
     if p.is_symlink():
         raise UsageError(f"{what} {dest} is a symlink (to {os.readlink(p)}); pass the real directory path instead")
     for name, src in sources.items():

@@ -91,6 +91,34 @@ def test_parsed_weights_are_normalised(items):
     assert [s.name for s in src] == [n for n, _ in items]
 
 
+def test_a_data_folder_is_walked_without_hidden_parts_links_or_a_whole_disk(tmp_path, monkeypatch):
+    """Data files are found below the folder (hidden files and folders, and links to folders, are not entered); a
+    folder holding more entries than any data folder (``--data /``) is refused in one line instead of walked."""
+    from evoreap.data import spec as spec_mod
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    for f in ("a/one.txt", "a/b/two.jsonl", "a/.hidden.txt", ".git/three.txt", "a/notes.md"):
+        (tmp_path / f).write_text("x")
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert spec_mod.data_files(tmp_path) == [tmp_path / "a" / "b" / "two.jsonl", tmp_path / "a" / "one.txt"]
+    monkeypatch.setattr(spec_mod, "MAX_DATA_ENTRIES", 5)
+    with pytest.raises(UsageError, match="holds more than 5 files and folders"):
+        spec_mod.data_files(tmp_path)
+    with pytest.raises(UsageError, match="holds more than 5 files and folders"):
+        parse_data_spec("/", "search")
+
+
+def test_a_tilde_of_no_user_is_a_usage_error():
+    """``~nosuchuser/data`` names no home directory: one clear error, not pathlib's RuntimeError."""
+    from evoreap.models import resolve_model
+
+    with pytest.raises(UsageError, match="cannot expand its '~'"):
+        parse_data_spec("~evoreap-no-such-user/data.jsonl", "search")
+    with pytest.raises(UsageError, match="cannot expand its '~'"):
+        resolve_model("~evoreap-no-such-user/model")
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=30))
 def test_arbitrary_specs_either_parse_or_raise_usage_error(spec):

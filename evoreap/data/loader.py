@@ -20,7 +20,7 @@ from evoreap.adapters.adapter import text_config
 from evoreap.data.bundled import corpus_path, load_texts
 from evoreap.data.spec import DataSource, as_sources, data_files
 from evoreap.errors import UsageError
-from evoreap.files import sha256_file  # noqa: F401  (re-exported)
+from evoreap.files import sha256_file, user_path  # noqa: F401  (sha256_file re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _render(record: dict[str, Any], tokenizer: Any, where: str, source: DataSour
 
 def read_chat_template(path: str | Path) -> str:
     """The Jinja chat template in the file ``path`` (``--chat-template``), checked to parse."""
-    p = Path(path).expanduser()
+    p = user_path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -34,14 +34,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evoreap.data.bundled import DOMAINS, SPLITS
 from evoreap.errors import UsageError
+from evoreap.files import user_path
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+MAX_DATA_ENTRIES = 100_000  # files and folders a data directory may hold
 OPTION_KEYS = ("config", "split", "text", "messages", "role", "content", "rows", "label")
 
 
@@ -149,10 +152,10 @@ def parse_data_spec(spec: str, default_split: str) -> list[DataSource]:
                 raise UsageError(f"--data item {raw!r} names no dataset; write hf:OWNER/NAME")
             name = label or (f"{ds_id}/{options['config']}" if "config" in options else ds_id)
             sources.append(DataSource(name, "hub", ds_id, split or "train", weight, None, opts))
-        elif Path(item).expanduser().is_dir():
-            sources.append(_directory_source(Path(item).expanduser(), item, split, weight, opts, label))
+        elif user_path(item).is_dir():
+            sources.append(_directory_source(user_path(item), item, split, weight, opts, label))
         elif Path(item).suffix.lower() in FILE_SUFFIXES:
-            p = Path(item).expanduser()
+            p = user_path(item)
             if not p.is_file():
                 raise UsageError(f"data file {item} does not exist; check the path")
             _check_readable(p, item)
@@ -216,9 +219,26 @@ def is_saved_dataset(p: Path) -> bool:
 
 
 def data_files(p: Path) -> list[Path]:
-    """The data files of a directory (and its subdirectories), in path order; hidden entries are skipped."""
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_SUFFIXES
-                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    """The data files of a directory (and its subdirectories, not through links to folders), in path order; hidden
+    entries and folders that cannot be listed are skipped. A tree of more than :data:`MAX_DATA_ENTRIES` entries is
+    refused: that is not a data folder (``--data /``, a home directory) and walking it would take the run's time."""
+    found, seen = [], 0
+    for root, dirs, files in os.walk(p):  # errors (an unreadable folder, /proc) skip that folder
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        seen += len(dirs) + len(files)
+        if seen > MAX_DATA_ENTRIES:
+            raise UsageError(f"data path {p} holds more than {MAX_DATA_ENTRIES:,} files and folders, which is not "
+                             "a data folder; point --data at the folder that holds your data files")
+        for name in files:
+            f = Path(root, name)
+            if name.startswith(".") or f.suffix.lower() not in FILE_SUFFIXES:
+                continue
+            try:
+                if f.is_file():
+                    found.append(f)
+            except OSError:  # a link this user may not follow: not a data file
+                continue
+    return sorted(found)
 
 
 def _directory_source(p: Path, shown: str, split: str | None, weight: float, opts: tuple[tuple[str, str], ...],
