@@ -16,8 +16,9 @@ under ``/usr/bin/time -v`` (peak RSS of the whole process: imports, observation,
 Both run side by side (one thread each), so that they see the same load on a shared machine. A small search keeps
 the run short: 1 generation of 4 children after the seeds, fidelities 510/1,020/2,040 tokens, 2,040 calibration and
 2,040 held-out tokens. The phases are timed from the command's own log lines (set-up = load + observe + reference;
-generation 0 = the seeds at full fidelity; generation 1 = its three racing stages; the held-out table). Both engines
-must agree on the best allocation and on its search value (to 1e-5).
+generation 0 = the seeds at full fidelity; generation 1 = its three racing stages; the held-out table), and each
+phase's peak RSS is sampled every 0.25 s with psutil. Both engines must agree on the best allocation and on its
+search value (to 1e-5).
 """
 
 from __future__ import annotations
