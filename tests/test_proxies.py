@@ -12,9 +12,9 @@ from evoreap.allocation import Allocation, keep_masks
 from evoreap.data import TokenData
 from evoreap.errors import EvoreapError, UsageError
 from evoreap.masking import masked
-from evoreap.proxies import (PROXIES, evaluate, get_proxy, loss_value, parse_proxy_weights, register_proxy,
+from evoreap.proxies import (PROXIES, ProxyInputs, evaluate, get_proxy, loss_value, parse_proxy_weights, register_proxy,
                              select_sequences, token_order, weighted_value)
-from evoreap.reference import Reference, build_reference, reference_cached, tail_logmass
+from evoreap.reference import LOG_FLOOR, Reference, build_reference, log_partition, reference_cached
 from evoreap.testing import tiny_model
 
 DOMAINS = ("code", "drama", "math")
@@ -108,6 +108,50 @@ def test_top_k_equal_to_vocab_is_the_full_kl_and_esap():
         assert result.per_domain[d]["kl"] == pytest.approx(per_domain[d]["kl_full"], abs=ATOL, rel=1e-5)
 
 
+def test_log_partition_against_float64():
+    """The one-pass normaliser on bfloat16 logits (as a bf16 model's head gives them) against float64 log-sum-exps,
+    with and without gradients (router repair differentiates it)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 5000) * 4).bfloat16()
+    logits[0, 0, 7] = 60.0  # one token takes almost all the mass: the tail must not come from 1 - sum
+    ids = torch.stack([torch.randperm(5000)[:16] for _ in range(15)]).view(3, 5, 16)
+    ids[0, 0, 0] = 7
+    x = logits.double()
+    log_z = torch.logsumexp(x, -1)
+    tail = torch.logsumexp(x.scatter(-1, ids, float("-inf")), -1) - log_z
+    got_z, got_tail = log_partition(logits, ids)
+    assert got_z.dtype == got_tail.dtype == torch.float32
+    assert torch.allclose(got_z.double(), log_z, atol=2e-6, rtol=0)
+    assert torch.allclose(got_tail.double(), tail, atol=1e-5, rtol=0)
+    assert float(got_tail[0, 0]) < -30  # exp(-42): float32 1 - sum cannot go below about exp(-17)
+    assert torch.allclose(log_partition(logits)[0], got_z, atol=1e-6, rtol=0)  # without ids: log Z alone
+    assert log_partition(torch.tensor([[0.0, -1e30]]), torch.tensor([[0]]))[1].item() == LOG_FLOOR
+    leaf = logits.float().requires_grad_()
+    z, t = log_partition(leaf, ids)
+    (z.sum() + t.sum()).backward()
+    ref_leaf = logits.double().requires_grad_()
+    ref_z = torch.logsumexp(ref_leaf, -1)
+    ref_t = torch.logsumexp(ref_leaf.scatter(-1, ids, float("-inf")), -1) - ref_z
+    (ref_z.sum() + ref_t.sum()).backward()
+    assert torch.allclose(leaf.grad.double(), ref_leaf.grad, atol=1e-6)
+
+
+def test_proxy_inputs_derive_log_probs_from_the_logits_without_changing_them():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 300) * 5
+    before = logits.clone()
+    targets = torch.randint(0, 300, (2, 3))
+    top = torch.topk(logits, 4, dim=-1)
+    lsm = torch.log_softmax(logits.double(), -1)
+    ref = {"topk_ids": top.indices.int(), "topk_logprobs": lsm.gather(-1, top.indices).float(),
+           "tail_logmass": torch.log1p(-lsm.gather(-1, top.indices).exp().sum(-1)).float()}
+    inputs = ProxyInputs(logits, targets, torch.ones(2, 3, dtype=torch.bool), ref)
+    assert torch.allclose(inputs.logprobs.double(), lsm, atol=1e-5)
+    assert torch.allclose(inputs.target_logprobs.double(), lsm.gather(-1, targets[..., None]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(get_proxy("kl").fn(inputs).double(), torch.zeros(2, 3, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(logits, before)  # the in-place passes work on a copy, never on the caller's float32 logits
+
+
 def test_reference_tensors_and_the_unpruned_candidate():
     model, adapter, _ = _setup()
     data = _data()
@@ -122,9 +166,9 @@ def test_reference_tensors_and_the_unpruned_candidate():
         logp = torch.log_softmax(model(input_ids=data.input_ids).logits[:, :-1].double(), -1)
     target = logp.gather(-1, data.input_ids[:, 1:, None]).squeeze(-1)
     assert torch.allclose(ref.target_logprob.double()[ref.valid], target[ref.valid], atol=1e-5)
-    assert torch.allclose(tail_logmass(logp, ref.topk_ids)[ref.valid], tail[ref.valid], atol=1e-5)
+    assert torch.allclose(log_partition(logp, ref.topk_ids)[1][ref.valid], tail[ref.valid], atol=1e-5)
     result = evaluate(model, adapter, None, data, proxies=("nll", "kl", "esap"), reference=ref)
-    assert result.values["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result.values["kl"] == 0.0  # the reference and the candidate share one normaliser, bit for bit
     assert result.values["esap"] == pytest.approx(1.0, abs=1e-6)
     assert result.values["nll"] == pytest.approx(-float(ref.target_logprob[ref.valid].double().mean()), abs=1e-5)
 

@@ -20,7 +20,7 @@ from evoreap.data import TokenData
 from evoreap.errors import UsageError
 from evoreap.masking import masked
 from evoreap.proxies.registry import Proxy, ProxyInputs, get_proxy
-from evoreap.reference import Reference, next_token_logprobs, scored_positions
+from evoreap.reference import Reference, next_token_logits, scored_positions
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +107,30 @@ class Tally:
         self.counts = torch.zeros(len(data.domains), dtype=torch.float64)
 
     def add(self, index: torch.Tensor, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> None:
-        """Add the rows ``index`` of the data, whose log-probs ``chunks`` yields (see ``next_token_logprobs``)."""
+        """Add the rows ``index`` of the data, whose logits ``chunks`` yields (see ``next_token_logits``)."""
         data = self.data
         ids, mask, domains = data.input_ids[index], data.attention_mask[index], data.domain_ids[index]
+        values: dict[str, torch.Tensor] = {}
         valid_all = targets_all = ref_all = None
-        for s, e, logp in chunks:
-            if valid_all is None:  # on the device of the log-probs (a device-mapped model's last layer)
-                device = logp.device
+        for s, e, logits in chunks:
+            if valid_all is None:  # on the device of the logits (a device-mapped model's last layer)
+                device = logits.device
                 valid_all = scored_positions(mask).to(device)
                 targets_all = ids[:, 1:].to(device, torch.long)
                 ref_all = self.reference.rows(index, device) if self.needs_ref else None
-                self.counts.index_add_(0, domains, valid_all.sum(1).double().cpu())
-            chunk = ProxyInputs(logp, targets_all[:, s:e], valid_all[:, s:e],
+                values = {spec.name: torch.zeros(valid_all.shape, dtype=torch.float64, device=device)
+                          for spec in self.specs}
+            chunk = ProxyInputs(logits, targets_all[:, s:e], valid_all[:, s:e],
                                 {k: v[:, s:e] for k, v in ref_all.items()} if ref_all is not None else None)
             for spec in self.specs:
-                values = spec.fn(chunk)
-                per_row = torch.where(chunk.valid, values, torch.zeros_like(values)).double().sum(1)
-                self.sums[spec.name].index_add_(0, domains, per_row.cpu())
+                values[spec.name][:, s:e] = spec.fn(chunk)
+        if valid_all is None:
+            return
+        # summed once per batch: the chunks are small (a few positions) so that their vocabulary passes stay in cache
+        self.counts.index_add_(0, domains, valid_all.sum(1).double().cpu())
+        for name, v in values.items():
+            per_row = torch.where(valid_all, v, torch.zeros_like(v)).sum(1)
+            self.sums[name].index_add_(0, domains, per_row.cpu())
 
     def result(self) -> ProxyResult:
         counts, domains = self.counts, self.data.domains
@@ -157,7 +164,7 @@ def evaluate(model: torch.nn.Module, adapter: MoEAdapter, masks: dict[int, torch
     with torch.inference_mode(), masked(model, adapter, masks or {}):
         for start in range(0, len(rows), batch_size):
             index = rows[start:start + batch_size]
-            tally.add(index, next_token_logprobs(model, data.input_ids[index], data.attention_mask[index]))
+            tally.add(index, next_token_logits(model, data.input_ids[index], data.attention_mask[index]))
             report(index)
     report(None)
     return tally.result()

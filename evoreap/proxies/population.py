@@ -38,7 +38,7 @@ from evoreap.masking import masked
 from evoreap.models import release_freed_memory
 from evoreap.observe.sequential import LayerCapture
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
-from evoreap.reference import Reference, logprob_chunks, model_device, scored_positions
+from evoreap.reference import Reference, logit_chunks, model_device, scored_positions
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ class PopulationEvaluator:
         with _layers_replaced(self.decoder, stand_ins):
             out = self.model(input_ids=self.data.input_ids[index].to(device),
                              attention_mask=self.data.attention_mask[index].to(device), use_cache=False)
-        return logprob_chunks(out.logits)
+        return logit_chunks(out.logits)
 
     def close(self) -> None:
         self.cache.close()

@@ -5,7 +5,7 @@ over the valid positions, per domain and overall. Register new ones with::
 
     @register_proxy("top5", higher_is_better=True, needs_reference=True)
     def top5(inputs):
-        return (inputs.ref["topk_ids"][..., :5] == inputs.logprobs.argmax(-1, keepdim=True)).any(-1).float()
+        return (inputs.ref["topk_ids"][..., :5] == inputs.logits.argmax(-1, keepdim=True)).any(-1).float()
 
 Every built-in (``nll``, ``kl``, ``esap``, ``top1``) is registered when this module is imported; a name is
 registered once (a second registration raises :class:`~evoreap.errors.RegistryError`).
@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 
 from evoreap.errors import UsageError
-from evoreap.reference import tail_logmass
+from evoreap.reference import log_partition
 from evoreap.registry import Registry
 
 
@@ -29,17 +29,40 @@ class ProxyInputs:
     """One chunk of positions of one batch.
 
     Attributes:
-        logprobs: ``[B, T, V]`` float32 log-probs of the candidate (the model under evaluation).
+        logits: ``[B, T, V]`` the output head's values for the candidate (the model under evaluation), in the model's
+            dtype, not normalised: what a proxy needs of them comes from the properties below, each computed on
+            first use and shared by every proxy of the chunk.
         targets: ``[B, T]`` int64 actual next tokens.
         valid: ``[B, T]`` bool; values at invalid positions are ignored (they may be anything, even NaN).
         ref: the reference rows for these positions (``topk_logprobs``, ``topk_ids``, ``tail_logmass``,
             ``target_logprob``, ``valid``), or None when no proxy asked for one.
     """
 
-    logprobs: torch.Tensor
+    logits: torch.Tensor
     targets: torch.Tensor
     valid: torch.Tensor
     ref: dict[str, torch.Tensor] | None = None
+
+    @cached_property
+    def _partition(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # with a reference, the tail outside its top-K ids comes from the same pass as the normaliser
+        return log_partition(self.logits, self.ref["topk_ids"] if self.ref is not None else None)
+
+    @cached_property
+    def log_normaliser(self) -> torch.Tensor:
+        """``[B, T]`` float32 log of the softmax's denominator: a log-prob is ``logit - log_normaliser``."""
+        return self._partition[0]
+
+    @cached_property
+    def logprobs(self) -> torch.Tensor:
+        """``[B, T, V]`` float32 log-probs: a full pass over the vocabulary that the built-in proxies do without."""
+        return self.logits.to(self.log_normaliser.dtype) - self.log_normaliser[..., None]
+
+    @cached_property
+    def target_logprobs(self) -> torch.Tensor:
+        """``[B, T]`` float32 log-prob of the actual next token."""
+        z = self.log_normaliser
+        return self.logits.gather(-1, self.targets[..., None]).squeeze(-1).to(z.dtype) - z
 
     @cached_property
     def coarse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,9 +70,9 @@ class ProxyInputs:
         log q [B,T,K], log q_tail [B,T])``; computed once per chunk and shared by kl and esap."""
         if self.ref is None:
             raise UsageError("this proxy reads reference distributions: register it with needs_reference=True")
-        ids = self.ref["topk_ids"].long()
-        q = self.logprobs.gather(-1, ids)
-        return self.ref["topk_logprobs"].float(), self.ref["tail_logmass"].float(), q, tail_logmass(self.logprobs, ids)
+        z = self.log_normaliser
+        q = self.logits.gather(-1, self.ref["topk_ids"].long()).to(z.dtype) - z[..., None]
+        return self.ref["topk_logprobs"].float(), self.ref["tail_logmass"].float(), q, self._partition[1]
 
 
 ProxyFn = Callable[[ProxyInputs], torch.Tensor]
@@ -102,7 +125,7 @@ def _xlogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 @register_proxy("nll", higher_is_better=False, needs_reference=False)
 def nll(inputs: ProxyInputs) -> torch.Tensor:
     """Next-token negative log-likelihood of the candidate (nats per token)."""
-    return -inputs.logprobs.gather(-1, inputs.targets[..., None]).squeeze(-1)
+    return -inputs.target_logprobs
 
 
 @register_proxy("kl", higher_is_better=False, needs_reference=True)
@@ -122,7 +145,7 @@ def esap(inputs: ProxyInputs) -> torch.Tensor:
 @register_proxy("top1", higher_is_better=True, needs_reference=True, ideal=1.0)
 def top1(inputs: ProxyInputs) -> torch.Tensor:
     """Top-1 agreement: the candidate's most likely next token is the unpruned model's."""
-    return (inputs.logprobs.argmax(-1) == inputs.ref["topk_ids"][..., 0].long()).float()
+    return (inputs.logits.argmax(-1) == inputs.ref["topk_ids"][..., 0].long()).float()
 
 
 __all__ = ["PROXIES", "Proxy", "ProxyInputs", "get_proxy", "register_proxy"]

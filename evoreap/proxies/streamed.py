@@ -49,7 +49,7 @@ from evoreap.observe.sequential import LayerBuffers, LayerCapture, SequentialMod
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
 from evoreap.proxies.population import DEFAULT_CACHE_BYTES, Masks, PopulationEvaluator, Progress, WorkCount, \
     _layers_replaced, _Replay
-from evoreap.reference import Reference, ReferenceBuilder, cached_reference, fingerprint_of, logprob_chunks, \
+from evoreap.reference import Reference, ReferenceBuilder, cached_reference, fingerprint_of, logit_chunks, \
     scored_positions
 
 log = logging.getLogger(__name__)
@@ -603,7 +603,7 @@ class StreamedEvaluator:
                             out = self.model(input_ids=self.data.input_ids[index].to(device),
                                              attention_mask=self.data.attention_mask[index].to(device),
                                              use_cache=False)
-                        add(index, logprob_chunks(out.logits))
+                        add(index, logit_chunks(out.logits))
                         del out, final
         finally:
             self.seq._free_outer()

@@ -279,9 +279,8 @@ def _kl_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, ref:
     """Mean KL(unpruned || model) over the valid positions of one batch (the ``kl`` proxy, with gradients)."""
     device = model_device(model)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
     valid = scored_positions(mask).to(device)
-    inputs = ProxyInputs(logp, ids[:, 1:].to(device, torch.long), valid, ref)
+    inputs = ProxyInputs(out.logits[:, :-1], ids[:, 1:].to(device, torch.long), valid, ref)
     values = get_proxy("kl").fn(inputs)
     return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp_min(1)
 
