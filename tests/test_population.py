@@ -70,14 +70,24 @@ def test_population_equals_one_masked_forward_per_candidate(arch):
     want = [evaluate(model, adapter, c, data, proxies=PROXIES, reference=ref, order=order, n_tokens=40,
                      batch_size=4) for c in cands]
     pop = PopulationEvaluator(model, adapter, data, reference=ref, order=order, batch_size=4)
+    calls = []
+    hooks = [getattr(layer, adapter.spec.attention_attr).register_forward_hook(lambda *_: calls.append(1))
+             for layer in model.get_decoder().layers]
     for got, w in zip(pop.score(cands, proxies=PROXIES, n_tokens=40), want):
         _close(got, w)
+    for h in hooks:
+        h.remove()
     n = len(model.get_decoder().layers)
-    positions = len(select_sequences(data, order, 40)) * data.seq_len
+    rows = len(select_sequences(data, order, 40))
+    positions = rows * data.seq_len
     # distinct prefix-tree nodes: base's n layers, its sibling's from the last MoE layer on, the unpruned model's
     # from the first MoE layer on; the duplicate costs nothing
     assert pop.work.naive == 4 * n * positions
     assert pop.work.computed == (n + (n - layers[-1]) + (n - layers[0])) * positions
+    # the sibling and the unpruned model each branch off at a MoE layer from a node another candidate computes
+    # through: that layer's attention ran once for both
+    assert pop.work.attention_shared == 2 * positions
+    assert len(calls) == (n + (n - layers[-1]) + (n - layers[0]) - 2) * -(-rows // 4)
 
     # a child of `base` differing from layer layers[-1] on: starts from base's cached states
     child = {**base, layers[-1]: _random_mask(adapter, g)}

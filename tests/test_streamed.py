@@ -55,6 +55,7 @@ def test_streamed_equals_one_masked_forward_per_candidate(arch, tmp_path):
     positions = len(select_sequences(data, order, 40)) * data.seq_len
     assert ev.layers_read == list(range(n))  # each layer read once for the whole stage
     assert ev.work.computed == (n + (n - layers[-1]) + (n - layers[0])) * positions
+    assert ev.work.attention_shared == 2 * positions  # two branch points: each layer's attention ran once there
     assert 0 < ev.peak_state_bytes <= 40000 and ev.spilled_state_bytes > 0  # the rest went to disk
     assert all(p.is_meta for p in seq.model.parameters())  # nothing stays resident
 

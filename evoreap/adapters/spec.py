@@ -49,6 +49,8 @@ class ArchSpec:
             up on odd columns: GPT-OSS).
         fused_transposed: the fused expert tensors are ``[E, in, out]`` (GPT-OSS) rather than ``[E, out, in]``.
         moe_norm_attr: the norm on the decoder layer that feeds its MoE block (router repair may refit it).
+        attention_attr: the decoder layer's attention module: candidates that differ first in this layer's MoE block
+            share its output (the population engines compute it once for them).
     """
 
     name: str
@@ -68,6 +70,7 @@ class ArchSpec:
     fused_gate_up: str = "concat"
     fused_transposed: bool = False
     moe_norm_attr: str = "post_attention_layernorm"
+    attention_attr: str = "self_attn"
 
     def moe_layer_indices(self, config: Any) -> list[int]:
         """Decoder layers whose MLP is a routed MoE block, from the config alone (no weights needed)."""

@@ -25,7 +25,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,12 +64,19 @@ class WorkCount:
         naive: what one forward per candidate would have run (candidates x decoder layers x positions).
         cached: evaluations skipped because a node came from the state cache (part of ``naive - computed``).
         candidates: candidates scored.
+        attention_shared: of ``computed``, evaluations whose attention came from a sibling (a node computed from the
+            same parent states that differs only in this layer's MoE mask), so that only the rest of the layer ran.
     """
 
     computed: int = 0
     naive: int = 0
     cached: int = 0
     candidates: int = 0
+    attention_shared: int = 0
+
+    def plus(self, **counts: int) -> WorkCount:
+        """These counts added to the named fields."""
+        return replace(self, **{f.name: getattr(self, f.name) + counts.get(f.name, 0) for f in fields(self)})
 
     @property
     def ratio(self) -> float:
@@ -250,6 +257,49 @@ class _Replay(LayerCapture):
         return self.final
 
 
+class _Recorded(torch.nn.Module):
+    """Stands in for a decoder layer's attention module and returns (a copy of) the output it gave on the same
+    input."""
+
+    def __init__(self, output: object):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return _copied(self.output)
+
+
+def _copied(output: object) -> object:
+    # a copy, in case the layer's own code changes the attention output in place
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    return tuple(_copied(x) for x in output) if isinstance(output, tuple) else output
+
+
+@contextmanager
+def attention_shared(layer: torch.nn.Module, attr: str, record: list | None) -> Iterator[bool]:
+    """Run ``layer`` with its attention module (``layer.<attr>``) computed once over the calls that pass the same
+    ``record``: calls on the same input states with the same arguments, which differ only in the MoE mask, so their
+    attention outputs are equal. The first call stores the module's output in ``record``; later ones get it from a
+    stand-in, and the rest of the layer (norms, residuals, the masked MoE block) runs as the layer's own code. Yields
+    whether the attention came from the record. ``record=None`` (or a layer without ``attr``) changes nothing."""
+    attention = getattr(layer, attr, None)
+    if record is None or not isinstance(attention, torch.nn.Module):
+        yield False
+    elif record:
+        setattr(layer, attr, _Recorded(record[0]))
+        try:
+            yield True
+        finally:
+            setattr(layer, attr, attention)
+    else:
+        handle = attention.register_forward_hook(lambda module, args, output: record.append(_copied(output)))
+        try:
+            yield False
+        finally:
+            handle.remove()
+
+
 @contextmanager
 def _layers_replaced(decoder: torch.nn.Module, modules: list[torch.nn.Module]) -> Iterator[None]:
     layers = decoder.layers
@@ -332,12 +382,10 @@ class PopulationEvaluator:
                 for leaf in leaves:
                     tallies[leaf].add(index, self._head(index, finals[leaf]))
                 done += int(per_row[index].sum()) * len(candidates)
-                self.work = WorkCount(self.work.computed, self.work.naive + len(candidates) * self.n_layers
-                                      * len(index) * positions, self.work.cached, self.work.candidates)
+                self.work = self.work.plus(naive=len(candidates) * self.n_layers * len(index) * positions)
                 if progress is not None:
                     progress(done, total)
-        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached,
-                              self.work.candidates + len(candidates))
+        self.work = self.work.plus(candidates=len(candidates))
         release_freed_memory()
         return [tallies[p].result() for p in paths]
 
@@ -379,25 +427,28 @@ class PopulationEvaluator:
                     cached += d
             if d == n:
                 break
-            nxt: dict[int, torch.Tensor] = {}
+            children: dict[int, dict[int, torch.Tensor | None]] = {}  # parent -> child -> this layer's mask
             for p in leaves:
-                if start[p] > d or p[d + 1] in nxt:
-                    continue
+                if start[p] <= d:
+                    children.setdefault(p[d], {}).setdefault(p[d + 1], masks_of[p].get(d))
+            layer = self.decoder.layers[d]
+            nxt: dict[int, torch.Tensor] = {}
+            for parent, kids in children.items():
                 _, a, kw = args[d]
-                keep = masks_of[p].get(d)
-                with masked(self.model, self.adapter, {d: keep} if keep is not None else {}):
-                    out = self.decoder.layers[d](live[p[d]], *a, **kw)
-                out = out[0] if isinstance(out, tuple) else out
-                nxt[p[d + 1]] = out
-                self.cache.put((rkey, p[d + 1]), out)
-                self.work = WorkCount(self.work.computed + tokens, self.work.naive, self.work.cached,
-                                      self.work.candidates)
+                record: list | None = [] if len(kids) > 1 else None
+                for child, keep in kids.items():
+                    with masked(self.model, self.adapter, {d: keep} if keep is not None else {}), \
+                            attention_shared(layer, self.adapter.spec.attention_attr, record) as shared:
+                        out = layer(live[parent], *a, **kw)
+                    out = out[0] if isinstance(out, tuple) else out
+                    nxt[child] = out
+                    self.cache.put((rkey, child), out)
+                    self.work = self.work.plus(computed=tokens, attention_shared=tokens if shared else 0)
             # nodes at depth d+1 that are stored and start a path are already in `nxt` or fetched next round
             live = nxt
         for p in leaves:
             finals[p] = live[p[n]]
-        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached + cached * tokens,
-                              self.work.candidates)
+        self.work = self.work.plus(cached=cached * tokens)
         return finals
 
     def _head(self, index: torch.Tensor, final: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:

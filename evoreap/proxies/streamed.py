@@ -48,7 +48,7 @@ from evoreap.models import release_freed_memory
 from evoreap.observe.sequential import LayerBuffers, LayerCapture, SequentialModel
 from evoreap.proxies.evaluate import ProxyResult, Tally, check_inputs, select_sequences
 from evoreap.proxies.population import DEFAULT_CACHE_BYTES, Masks, PopulationEvaluator, Progress, WorkCount, \
-    _layers_replaced, _Replay
+    _layers_replaced, _Replay, attention_shared
 from evoreap.reference import Reference, ReferenceBuilder, cached_reference, fingerprint_of, logit_chunks, \
     scored_positions
 
@@ -405,8 +405,7 @@ class StreamedEvaluator:
             tallies = {p: Tally(specs, self.data, self.reference) for p in dict.fromkeys(paths)}
             self._head(rows, {p: tallies[p].add for p in tallies})
         self._finish(rows)
-        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached,
-                              self.work.candidates + len(candidates))
+        self.work = self.work.plus(candidates=len(candidates))
         return [tallies[p].result() for p in paths]
 
     def reference_distributions(self, top_k: int) -> Reference:
@@ -491,8 +490,7 @@ class StreamedEvaluator:
         if store is not None:  # what this stage starts from stays until it is done
             store.protect({self._names[p[s], b] for (p, b), s in start.items() if s > 0})
         cached = {(p[s], b): s * sizes[b] for (p, b), s in start.items() if s > 0 and done_layer < 0}
-        self.work = WorkCount(self.work.computed, self.work.naive, self.work.cached + sum(cached.values()),
-                              self.work.candidates)
+        self.work = self.work.plus(cached=sum(cached.values()))
 
         roots = {b for (_, b), s in start.items() if s == 0} if done_layer < 0 else set()
         args_of = self._arguments(batches, front, roots) if min(start.values()) < n else []
@@ -507,20 +505,23 @@ class StreamedEvaluator:
                 layer = self.decoder.layers[d]
                 self.seq.loader.materialise(layer, f"{self.seq.prefix}layers.{d}.", device, self._buffers)
                 self.layers_read.append(d)
-                tokens = 0
+                tokens = shared_tokens = 0
                 try:
                     for b, children in enumerate(plan):
                         _, a, kw = args_of[b][d]
                         for parent, kids in children.items():
                             h = self._state(parent, b, device)
+                            record: list | None = [] if len(kids) > 1 else None
                             for child, keep in kids.items():
-                                with masked(self.model, self.adapter, {d: keep} if keep is not None else {}):
+                                with masked(self.model, self.adapter, {d: keep} if keep is not None else {}), \
+                                        attention_shared(layer, self.adapter.spec.attention_attr, record) as shared:
                                     out = layer(h, *a, **kw)
                                 out = out[0] if isinstance(out, tuple) else out
                                 front.put((child, b), out)
                                 if store is not None:
                                     store.put(self._names[child, b], out)
                                 tokens += sizes[b]
+                                shared_tokens += sizes[b] if shared else 0
                             front.drop((parent, b))
                             del h
                 finally:
@@ -529,8 +530,7 @@ class StreamedEvaluator:
                     # stays flat over the layers instead of creeping up with their number (measured: 150 MB by
                     # layer 7 of a 1.58 GB checkpoint's reference)
                     release_freed_memory()
-                self.work = WorkCount(self.work.computed + tokens, self.work.naive, self.work.cached,
-                                      self.work.candidates)
+                self.work = self.work.plus(computed=tokens, attention_shared=shared_tokens)
                 if self.resume_dir is not None:
                     write_json_atomic(directory / MANIFEST, {**identity, "layer_done": d, "files": front.persist()})
                     front.commit()
@@ -539,8 +539,7 @@ class StreamedEvaluator:
                 if progress is not None:
                     progress(total * (d + 1) // (n + 1), total)
         self._buffers.clear()  # the output head comes next: no layer's memory held under it
-        self.work = WorkCount(self.work.computed, self.work.naive + len(candidates) * n * sum(sizes),
-                              self.work.cached, self.work.candidates)
+        self.work = self.work.plus(naive=len(candidates) * n * sum(sizes))
         self._total, self._progress = total, progress
         return paths
 
