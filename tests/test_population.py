@@ -153,6 +153,25 @@ def test_elites_states_outlive_others_in_a_full_cache():
     assert computed[False] > computed[True]
 
 
+def test_a_path_read_from_the_cache_keeps_all_its_states():
+    """A cache that holds two candidates' states. Re-scoring A (read from its deepest states) marks every state of
+    its path as used, so a newcomer pushes out C's states rather than A's early layers, and a child branching off A
+    late computes only the layers after the branch."""
+    model, adapter, data, ref, g = _setup("qwen3_moe")
+    layers, n = adapter.moe_layer_indices, len(model.get_decoder().layers)
+    a, c, b = ({i: _random_mask(adapter, g) for i in layers} for _ in range(3))
+    child = {**a, layers[-1]: _random_mask(adapter, g)}
+    positions = len(data) * data.seq_len
+    state = 3 * data.seq_len * adapter.config.hidden_size * 4  # one batch of 3 rows after one layer, float32
+    pop = PopulationEvaluator(model, adapter, data, reference=ref, batch_size=3, cache=StateCache(4 * n * state))
+    for cands in ([a], [c], [a], [b]):
+        pop.score(cands, proxies="nll")
+    before = pop.work.computed
+    got = pop.score([child], proxies=PROXIES)[0]
+    _close(got, evaluate(model, adapter, child, data, proxies=PROXIES, reference=ref, batch_size=3))
+    assert pop.work.computed - before == (n - layers[-1]) * positions
+
+
 def test_progress_within_a_call():
     """Every batch reports tokens scored so far (over all candidates) and the total (issue: silent scoring)."""
     model, adapter, data, ref, g = _setup("mixtral")

@@ -177,6 +177,12 @@ class StateCache:
             return
         self._hold(key, t)
 
+    def touch(self, key: tuple) -> None:
+        """Mark a held state as just used, without reading it."""
+        for held in (self.kept, self.mem, self.disk):
+            if key in held:
+                held.move_to_end(key)
+
     def pin(self, nodes: set[int] | frozenset[int]) -> None:
         """Keep the states of ``nodes`` (on any rows) in memory before all others; replaces the previous pins.
         States of nodes no longer pinned become the next to go."""
@@ -412,6 +418,11 @@ class PopulationEvaluator:
         device = model_device(self.model)
         for p in leaves:
             start[p] = next((d for d in range(n, 0, -1) if p[d] in stored or (rkey, p[d]) in self.cache), 0)
+            # a path read from its deepest state is used whole: children branch off at any of its layers, so its
+            # shallower states must not be the first to go (measured: a generation's first stage computed 0.92 of
+            # the layer work where an unbounded cache needs 0.80, its elite parents' early layers evicted)
+            for d in range(1, start[p]):
+                self.cache.touch((rkey, p[d]))
             if start[p] and p[start[p]] not in stored:
                 stored[p[start[p]]] = self.cache.get((rkey, p[start[p]]), device)
         finals: dict[tuple[int, ...], torch.Tensor] = {}
