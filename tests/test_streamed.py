@@ -357,6 +357,29 @@ def test_state_store_reads_only_its_own_files_and_keeps_the_elites_longest(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]  # only its own files are deleted
 
 
+def test_a_path_read_from_the_store_keeps_all_its_states(tmp_path):
+    """As in the resident engine: re-scoring A (read from its deepest states) marks all of its states used, so a
+    newcomer pushes out C's rather than A's early layers, and a child branching off A late starts there."""
+    model, adapter, data, ref, g, path = _saved("qwen3_moe", tmp_path)
+    layers, n = adapter.moe_layer_indices, len(model.get_decoder().layers)
+    a, c, b = ({i: _random_mask(adapter, g) for i in layers} for _ in range(3))
+    child = {**a, layers[-1]: _random_mask(adapter, g)}
+    order = token_order(data, 0)
+    ev = StreamedEvaluator(SequentialModel(path, load_config(path)), data, reference=ref, order=order, batch_size=4,
+                           cache_dir=tmp_path / "cache", store_bytes=1 << 30, store_dir=tmp_path / "states")
+    ev.score([a], proxies="nll", n_tokens=40)
+    ev.store.max_bytes = 2 * ev.store.bytes  # room for two candidates' states
+    for cands in ([c], [a], [b]):
+        ev.score(cands, proxies="nll", n_tokens=40)
+    before = ev.work.computed
+    got = ev.score([child], proxies=PROXIES, n_tokens=40)[0]
+    assert got.values == evaluate(model, adapter, child, data, proxies=PROXIES, reference=ref, order=order,
+                                  n_tokens=40, batch_size=4).values
+    positions = len(select_sequences(data, order, 40)) * data.seq_len
+    assert ev.work.computed - before == (n - layers[-1]) * positions
+    ev.close()
+
+
 def test_state_stores_sharing_a_directory_share_its_bound(tmp_path):
     """Two processes' stores in one directory (workers of one run): the bound holds for the directory, not for
     each of them, and a state one evicted is a miss for the other rather than a wrong read."""

@@ -198,6 +198,11 @@ class StateStore:
     def pin(self, prefixes: set[str] | frozenset[str]) -> None:
         self.pinned = frozenset(prefixes)
 
+    def touch(self, name: str) -> None:
+        """Mark a held state as just used, without reading it."""
+        if name in self.index:
+            self.index.move_to_end(name)
+
     def protect(self, names: set[str]) -> None:
         self.protected = set(names)
 
@@ -465,6 +470,8 @@ class StreamedEvaluator:
                            for b, bk in enumerate(batch_keys)}
             for p, b in start:
                 start[p, b] = next((d for d in range(n, 0, -1) if store.has(self._names[p[d], b])), 0)
+                for d in range(1, start[p, b]):  # used whole: see PopulationEvaluator._advance
+                    store.touch(self._names[p[d], b])
 
         done_layer, identity = -1, None
         if self.resume_dir is not None:
