@@ -47,9 +47,11 @@ VERSION = 2  # 2: the model fingerprint covers all weights; the manifest holds t
 # Floor for log-masses: keeps 0 * (log p - log q) at 0 instead of NaN when a mass underflows (exp(-1e4) == 0).
 LOG_FLOOR = -1e4
 # Positions per chunk of the output head's values are chosen so that a float32 chunk [B, positions, V] holds about
-# this many elements (one position at least): small enough to stay in a core's cache through the few passes over it
-# (on a 50k vocabulary 3-5x faster than one chunk per batch), and bounded whatever the vocabulary.
-_CHUNK_ELEMENTS = 1 << 18
+# this many elements (one position at least), bounded whatever the vocabulary. On a CPU, small enough to stay in a
+# core's cache through the few passes over it (on a 50k vocabulary 3-5x faster than one chunk per batch); on an
+# accelerator, large, since every chunk costs a dozen kernel launches.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 26
 _TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "valid")
 
 
@@ -128,7 +130,8 @@ def logit_chunks(logits: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]
     """``(start, end, logits[:, start:end])`` over the L-1 scored positions of ``logits`` ``[B, L, V]``: views in the
     model's dtype, in chunks small enough that a float32 pass over one stays in cache whatever the vocabulary."""
     b, length, vocab = logits.shape
-    step = max(1, _CHUNK_ELEMENTS // max(1, b * vocab))
+    bound = _CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else _CHUNK_ELEMENTS
+    step = max(1, bound // max(1, b * vocab))
     for start in range(0, length - 1, step):
         end = min(length - 1, start + step)
         yield start, end, logits[:, start:end]

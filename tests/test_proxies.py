@@ -14,7 +14,8 @@ from evoreap.errors import EvoreapError, UsageError
 from evoreap.masking import masked
 from evoreap.proxies import (PROXIES, ProxyInputs, evaluate, get_proxy, loss_value, parse_proxy_weights, register_proxy,
                              select_sequences, token_order, weighted_value)
-from evoreap.reference import LOG_FLOOR, Reference, build_reference, log_partition, reference_cached
+from evoreap.reference import LOG_FLOOR, Reference, build_reference, log_partition, logit_chunks, \
+    reference_cached
 from evoreap.testing import tiny_model
 
 DOMAINS = ("code", "drama", "math")
@@ -134,6 +135,15 @@ def test_log_partition_against_float64():
     ref_t = torch.logsumexp(ref_leaf.scatter(-1, ids, float("-inf")), -1) - ref_z
     (ref_z.sum() + ref_t.sum()).backward()
     assert torch.allclose(leaf.grad.double(), ref_leaf.grad, atol=1e-6)
+
+
+def test_logit_chunks_cover_the_scored_positions_with_views():
+    """Small chunks on a CPU (cache-sized), one per batch elsewhere (here the meta device), never a copy."""
+    logits = torch.zeros(2, 10, 100_000)
+    chunks = list(logit_chunks(logits))
+    assert [(s, e) for s, e, _ in chunks] == [(i, i + 1) for i in range(9)]  # 2 x 100k floats already fill one
+    assert all(c.data_ptr() == logits[:, s].data_ptr() for s, _, c in chunks)
+    assert [(s, e) for s, e, _ in logit_chunks(torch.empty(2, 10, 100_000, device="meta"))] == [(0, 9)]
 
 
 def test_proxy_inputs_derive_log_probs_from_the_logits_without_changing_them():
