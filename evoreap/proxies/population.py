@@ -7,6 +7,8 @@ once from its parent node and shared by every candidate below it. Nodes are also
 :class:`StateCache` bounded by bytes (least recently used out first, the current elites' nodes last: see
 :meth:`PopulationEvaluator.retain`; optionally spilled to disk), so a child that first differs from its elite
 parent at layer ``l`` starts from the parent's layer-``l`` states of an earlier generation on the same rows.
+Siblings (nodes computed from the same parent that differ only in the layer's MoE mask) share that layer's
+attention: it runs once for them (:func:`attention_shared`).
 
 The layers are the loaded model's own decoder-layer modules, called with the arguments the model's decoder hands
 them (attention mask of the layer's type, rotary tables, positions: recorded once per batch by one pass of the
