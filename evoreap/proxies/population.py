@@ -421,8 +421,7 @@ class PopulationEvaluator:
         for p in leaves:
             start[p] = next((d for d in range(n, 0, -1) if p[d] in stored or (rkey, p[d]) in self.cache), 0)
             # a path read from its deepest state is used whole: children branch off at any of its layers, so its
-            # shallower states must not be the first to go (measured: a generation's first stage computed 0.92 of
-            # the layer work where an unbounded cache needs 0.80, its elite parents' early layers evicted)
+            # shallower states must not be the first to go, as they would under LRU by reads alone
             for d in range(1, start[p]):
                 self.cache.touch((rkey, p[d]))
             if start[p] and p[start[p]] not in stored:
