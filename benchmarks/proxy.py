@@ -2,10 +2,16 @@
 
     python benchmarks/proxy.py            # bundled demo model
     python benchmarks/proxy.py --model DIR --samples 32 --seq-len 256 --top-k 64
+    python benchmarks/proxy.py --vocab-passes --vocab 50304 --threads 1   # the proxies' passes over the logits alone
 
 Prints the median of ``--repeats`` interleaved timings of: a plain forward over the rows, an unmasked evaluate, and a
 masked evaluate (uniform 50% keep), and the ratio masked-evaluate / plain-forward. The reference is built once
 (timed too).
+
+``--vocab-passes``: nll + kl + esap on one batch of random bfloat16 logits ``[batch, seq-len, vocab]`` against a
+top-K reference, computed the way evoreap does it (cache-sized chunks, one exponential pass: ``log_partition``) and
+the straightforward way (log-softmax of the whole batch in float32, then the tail outside the top-K as a
+log-sum-exp over a copy with those ids removed), interleaved, with the output head's matmul (hidden 2048) for scale.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import torch
 from evoreap.allocation import Allocation, keep_masks
 from evoreap.data import load_tokens
 from evoreap.models import load_model
-from evoreap.proxies import evaluate
-from evoreap.reference import reference_cached
+from evoreap.proxies import ProxyInputs, evaluate, get_proxy
+from evoreap.reference import LOG_FLOOR, logit_chunks, reference_cached
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -38,6 +44,56 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def vocab_passes(args: argparse.Namespace) -> None:
+    """The proxies' work on one batch of logits, evoreap's way against the straightforward one (see the module
+    docstring), and the ratio; both must give the same values."""
+    b, length, vocab, k = args.batch_size, args.seq_len, args.vocab, args.top_k
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(b, length, vocab, generator=g) * 3).bfloat16()
+    ref_logp = torch.log_softmax(torch.randn(b, length - 1, vocab, generator=g) * 3, -1)
+    top_lp, top_ids = torch.topk(ref_logp, k, dim=-1)
+    ref = {"topk_logprobs": top_lp, "topk_ids": top_ids.int(),
+           "tail_logmass": torch.log1p(-top_lp.exp().sum(-1).clamp_max(1 - 1e-7))}
+    targets = torch.randint(0, vocab, (b, length - 1), generator=g)
+    valid = torch.ones(b, length - 1, dtype=torch.bool)
+    specs = [get_proxy(name) for name in ("nll", "kl", "esap")]
+    head = torch.nn.Linear(2048, vocab, bias=False, dtype=torch.bfloat16)
+    hidden = torch.randn(b, length, 2048, dtype=torch.bfloat16)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    def ours() -> None:
+        values = {s.name: torch.zeros(b, length - 1) for s in specs}
+        for s, e, chunk in logit_chunks(logits):
+            inputs = ProxyInputs(chunk, targets[:, s:e], valid[:, s:e], {n: v[:, s:e] for n, v in ref.items()})
+            for spec in specs:
+                values[spec.name][:, s:e] = spec.fn(inputs)
+        out["ours"] = values
+
+    def straightforward() -> None:
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        ids = ref["topk_ids"].long()
+        lq, lp, lpt = logp.gather(-1, ids), ref["topk_logprobs"], ref["tail_logmass"]
+        lqt = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), -1).clamp_min(LOG_FLOOR)
+        p, pt = lp.exp(), lpt.exp()
+        out["straightforward"] = {
+            "nll": -logp.gather(-1, targets[..., None]).squeeze(-1),
+            "kl": (p * (lp - lq)).sum(-1) + pt * (lpt - lqt),
+            "esap": torch.minimum(lp, lq).exp().sum(-1) + torch.minimum(lpt, lqt).exp()}
+
+    with torch.inference_mode():
+        times = _interleaved({"ours": ours, "straightforward": straightforward, "head": lambda: head(hidden)},
+                             args.repeats)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    diff = max(float((out["ours"][n] - out["straightforward"][n]).abs().max()) for n in ("nll", "kl", "esap"))
+    print(f"logits {b} x {length} x {vocab} bfloat16, top-{k} reference, {args.threads} thread(s), median of "
+          f"{args.repeats} interleaved rounds")
+    print(f"nll+kl+esap, straightforward  {t['straightforward'] * 1e3:8.1f} ms")
+    print(f"nll+kl+esap, evoreap          {t['ours'] * 1e3:8.1f} ms   {t['straightforward'] / t['ours']:.1f}x faster "
+          f"(largest difference in a value {diff:.1e})")
+    print(f"the output head's matmul      {t['head'] * 1e3:8.1f} ms   (proxies / head: "
+          f"{t['ours'] / t['head']:.2f} evoreap, {t['straightforward'] / t['head']:.2f} straightforward)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
@@ -48,8 +104,12 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.5, help="fraction of experts kept per layer")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab-passes", action="store_true", help="time the proxies' passes over the logits alone")
+    p.add_argument("--vocab", type=int, default=50304, help="vocabulary of --vocab-passes (OLMoE's by default)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.vocab_passes:
+        return vocab_passes(args)
 
     loaded = load_model(args.model)
     model, adapter = loaded.model, loaded.adapter
