@@ -43,7 +43,8 @@ from evoreap.observe.store import model_fingerprint as store_fingerprint
 log = logging.getLogger(__name__)
 
 FORMAT = "evoreap-reference"
-VERSION = 2  # 2: the model fingerprint covers all weights; the manifest holds the file's sha256
+VERSION = 3  # 2: the model fingerprint covers all weights; the manifest holds the file's sha256. 3: log-probs from
+# log_partition, the normaliser every candidate uses (a version-2 entry differs by up to 1e-5: rebuilt)
 # Floor for log-masses: keeps 0 * (log p - log q) at 0 instead of NaN when a mass underflows (exp(-1e4) == 0).
 LOG_FLOOR = -1e4
 # Positions per chunk of the output head's values are chosen so that a float32 chunk [B, positions, V] holds about
