@@ -278,6 +278,14 @@ class Reference:
             if got is None or got.dtype != dtype or list(got.shape) != shape:
                 what = "is missing" if got is None else f"is {got.dtype} {list(got.shape)}, not {dtype} {shape}"
                 raise EvoreapError(f"{path}: {name} {what}; delete the directory to rebuild")
+        ids = tensors["topk_ids"]
+        # the proxies gather at these ids and sum the mass outside them: an id out of range would fail there, a
+        # repeated one would count its mass twice
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= manifest["vocab_size"]):
+            raise EvoreapError(f"{path}: topk_ids holds token ids outside 0..{manifest['vocab_size'] - 1}; delete the "
+                               "directory to rebuild")
+        if k > 1 and bool((ids.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise EvoreapError(f"{path}: topk_ids repeats a token id at one position; delete the directory to rebuild")
         ref = cls(**{n: tensors[n] for n in _TENSORS}, model_fingerprint=manifest["model_fingerprint"],
                   data_fingerprint=manifest["data_fingerprint"], top_k=manifest["top_k"],
                   vocab_size=manifest["vocab_size"], domains=tuple(manifest["domains"]),

@@ -185,7 +185,21 @@ def _edit_manifest(change):
     return apply
 
 
+def _rewrite_ids(change):
+    """A hostile copy: the top-K ids changed and the manifest's checksum made to match."""
+    def apply(d: Path) -> None:
+        f = d / "reference.safetensors"
+        tensors = load_file(f)
+        change(tensors["topk_ids"])
+        save_file(tensors, f)
+        m = json.loads((d / "manifest.json").read_text())
+        (d / "manifest.json").write_text(json.dumps({**m, "sha256": sha256_file(f)}))
+    return apply
+
+
 REFERENCE_DAMAGE = {
+    "ids out of range": _rewrite_ids(lambda ids: ids[0, 0, 0].fill_(1 << 20)),
+    "repeated ids": _rewrite_ids(lambda ids: ids[0, 0, 1].copy_(ids[0, 0, 0])),
     "not json": lambda d: (d / "manifest.json").write_text("{not json"),
     "json list": lambda d: (d / "manifest.json").write_text("[]"),
     "missing field": _edit_manifest(lambda m: {k: v for k, v in m.items() if k != "model_fingerprint"}),
