@@ -48,11 +48,17 @@ def test_a_disk_offloaded_map_gives_the_plain_models_numbers(models):
     names = ("kl", "nll", "esap")
     want = evaluate(plain.model, plain.adapter, masks, data, proxies=names, reference=ref, batch_size=4)
     got = evaluate(mapped.model, mapped.adapter, masks, data, proxies=names, reference=ref, batch_size=4)
+    # a sibling differing only in layer 3 (on disk): that layer's attention runs once for both, under offload hooks
+    last = max(plain.adapter.moe_layer_indices)
+    sibling = {**masks, last: torch.arange(e) % 3 != 2}
+    want_sibling = evaluate(plain.model, plain.adapter, sibling, data, proxies=names, reference=ref, batch_size=4)
     pop = PopulationEvaluator(mapped.model, mapped.adapter, data, reference=ref, batch_size=4)
-    got_pop, unpruned = pop.score([masks, None], proxies=names)
+    got_pop, unpruned, got_sibling = pop.score([masks, None, sibling], proxies=names)
+    assert pop.work.attention_shared > 0
     for name in names:
         assert got.values[name] == pytest.approx(want.values[name], abs=1e-5)
         assert got_pop.values[name] == pytest.approx(want.values[name], abs=1e-5)
+        assert got_sibling.values[name] == pytest.approx(want_sibling.values[name], abs=1e-5)
     assert unpruned.values["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
