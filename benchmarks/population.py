@@ -298,8 +298,8 @@ def main() -> None:
             if engine == "population":
                 line += (f"; decoder-layer token evaluations computed / (candidates x layers x tokens) = "
                          f"{w.computed:,} / {w.naive:,} = {w.ratio:.3f} (from the state cache: "
-                         f"{w.cached / w.naive:.3f}; of those computed, with the attention shared by siblings: "
-                         f"{w.attention_shared / w.naive:.3f})")
+                         f"{w.cached / w.naive:.3f}; computed with the attention shared by siblings, over the same "
+                         f"naive total: {w.attention_shared / w.naive:.3f})")
             print(line)
             if engine == "population":
                 stages.report(session.search_data.seq_len)

@@ -50,8 +50,8 @@ LOG_FLOOR = -1e4
 # Positions per chunk of the output head's values are chosen so that a float32 chunk [B, positions, V] holds about
 # this many elements (one position at least), bounded whatever the vocabulary. On a CPU, small enough to stay in a
 # core's cache through the few passes over it (`benchmarks/proxy.py --vocab-passes`: on a 50k vocabulary the proxies
-# run 6.9x faster than on a log-softmax of the whole batch); on an accelerator, large, since every chunk costs a dozen
-# kernel launches.
+# run 6.9x faster than on a log-softmax of the whole batch); on an accelerator, large, since every chunk costs
+# several kernel launches.
 _CPU_CHUNK_ELEMENTS = 1 << 18
 _CHUNK_ELEMENTS = 1 << 26
 _TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "valid")
